@@ -1,0 +1,1 @@
+"""Orchestration only: the stage registry, the CLI, Prefect flows."""

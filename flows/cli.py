@@ -1,0 +1,109 @@
+"""`lesionflow`: the one console script (what dvc.yaml, people and the flows call)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# Telemetry/update checks off before any library is imported (no network here, and none wanted in CI).
+for _k, _v in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+def _load(args: argparse.Namespace):
+    from tasks.config import ParamsError, load_params
+
+    try:
+        return load_params(args.params)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from tasks.config import dump_params
+
+    print(dump_params(_load(args)), end="")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from flows.stages import get
+    from tasks.io import Paths
+
+    stage = get(args.name)
+    params = _load(args)  # validated before any work starts
+    summary = stage.load()(params, Paths(Path(args.root).resolve()))
+    print(json.dumps({"stage": stage.name, **(summary or {})}, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks.synthetic import generate
+
+    df = generate(Path(args.out), n=args.n, seed=args.seed, malignant_fraction=args.malignant_fraction,
+                  image_size=args.size)
+    print(f"wrote {len(df)} metadata rows and images to {args.out}")
+    return 0
+
+
+def cmd_isic_server(args: argparse.Namespace) -> int:
+    from isic_client.server import serve_forever
+
+    serve_forever(Path(args.root), host=args.host, port=args.port, latency_ms=args.latency_ms,
+                  fail_rate=args.fail_rate, rate_limit_every=args.rate_limit_every,
+                  truncate_rate=args.truncate_rate, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--root", default=".", help="project root holding data/ (default: .)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("params", help="print the validated params (defaults filled in)")
+    s.set_defaults(func=cmd_params)
+
+    s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("synth", help="write an ISIC-style folder of synthetic lesions")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--malignant-fraction", type=float, default=0.3)
+    s.add_argument("--size", type=int, default=128, help="image side in px")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("isic-server", help="serve an ISIC-style folder over the ISIC API v2 (offline)")
+    s.add_argument("--root", dest="root", required=True, help="folder with images + metadata.csv")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--latency-ms", type=float, default=0.0)
+    s.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 5xx")
+    s.add_argument("--rate-limit-every", type=int, default=0, help="every K-th request gets 429 + Retry-After")
+    s.add_argument("--truncate-rate", type=float, default=0.0, help="share of file bodies cut short")
+    s.add_argument("--seed", type=int, default=0, help="seed of the fault injector")
+    s.set_defaults(func=cmd_isic_server)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

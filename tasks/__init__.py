@@ -1,0 +1,1 @@
+"""Pipeline steps: pure functions first, one thin `run(params, paths)` per stage doing the I/O."""

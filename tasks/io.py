@@ -1,0 +1,145 @@
+"""Shared I/O for stages: project paths, atomic writes, and the `data/<stage>/index.parquet` contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+# Every index table is keyed by (source, isic_id): one id can arrive from two sources.
+KEY = ["source", "isic_id"]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a stage reads and writes; all stage outputs live under `root`."""
+
+    root: Path
+
+    @classmethod
+    def here(cls) -> "Paths":
+        return cls(Path.cwd())
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def stage(self, name: str) -> Path:
+        """`data/<stage>/`: the stage's output folder."""
+        return self.data / name
+
+    def index(self, name: str) -> Path:
+        return self.stage(name) / "index.parquet"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def cache(self) -> Path:
+        """Caches that speed up reruns but are never the record (e.g. per-content-hash image hashes)."""
+        return self.root / ".cache" / "lesionflow"
+
+    def rel(self, path: Path | str) -> str:
+        """A path relative to root (posix), as stored in index tables so outputs stay relocatable."""
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return p.as_posix()
+
+    def abs(self, rel: str | Path) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+
+@contextmanager
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename onto it only if the block succeeds (no partial file ever)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_table(df: pd.DataFrame, path: Path | str) -> None:
+    """Parquet or CSV by suffix, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+
+
+def write_index(df: pd.DataFrame, paths: Paths, stage: str) -> Path:
+    """Write `data/<stage>/index.parquet` after checking the (source, isic_id) key is present and unique."""
+    missing = [c for c in KEY if c not in df.columns]
+    if missing:
+        raise ValueError(f"{stage} index lacks key column(s) {missing}")
+    dup = df.duplicated(KEY, keep=False)
+    if dup.any():
+        rows = df.loc[dup, KEY].head(5).to_dict("records")
+        raise ValueError(f"{stage} index has duplicate (source, isic_id) rows, e.g. {rows}")
+    out = paths.index(stage)
+    write_table(df.reset_index(drop=True), out)
+    return out
+
+
+def read_index(paths: Paths, stage: str) -> pd.DataFrame:
+    """Read a stage's index table, with a clear error if the stage has not run yet."""
+    path = paths.index(stage)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `lesionflow stage {stage}` (or `dvc repro {stage}`) first")
+    return pd.read_parquet(path)
+
+
+def show_progress() -> bool:
+    """Progress bars only when a person is watching (a TTY), never in CI logs; LESIONFLOW_PROGRESS=0/1 forces."""
+    forced = os.environ.get("LESIONFLOW_PROGRESS")
+    if forced is not None:
+        return forced not in ("0", "false", "")
+    return sys.stderr.isatty()
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """tqdm with the project's TTY policy."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not show_progress(), **kwargs)
