@@ -66,6 +66,71 @@ def cmd_isic_server(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- orchestration (flows/*.py)
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import PipelineError, format_results, pipeline_flow
+
+    try:
+        results = pipeline_flow(root=args.root, params=args.params, executor=args.executor,
+                                stages=args.stages or None, force=args.force)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_results(results))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.pipeline import demo
+
+    demo(Path(args.root), executor=args.executor, promote=not args.no_promote)
+    return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    from flows.nightly import nightly_flow
+
+    rec = nightly_flow(root=args.root, config=args.config, params=args.params)
+    print(json.dumps(rec, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows import deploy
+
+    root = Path(args.root).resolve()
+    if args.dry_run:
+        print(deploy.describe(root, args.config))
+    elif args.pool:
+        deploy.deploy_to_pool(root, args.pool, args.config, args.gpu_limit)
+    else:
+        deploy.serve(root, args.config, args.gpu_limit)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from flows.pipeline import mlflow_ui_command
+
+    cmd = mlflow_ui_command(port=args.port)
+    print(" ".join(cmd) + f"    (in {Path(args.root).resolve()})")
+    if args.dry_run:
+        return 0
+    exe = Path(sys.executable).parent / "mlflow"  # the venv's mlflow even when the venv is not activated
+    return subprocess.call([str(exe) if exe.exists() else cmd[0], *cmd[1:]], cwd=args.root)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows.nightly import load_nightly, promote_now
+
+    root = Path(args.root).resolve()
+    rec = promote_now(root, load_nightly(root / args.config), root / args.params, version=args.version,
+                      force=args.force)
+    print(json.dumps(rec, indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -97,6 +162,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--truncate-rate", type=float, default=0.0, help="share of file bodies cut short")
     s.add_argument("--seed", type=int, default=0, help="seed of the fault injector")
     s.set_defaults(func=cmd_isic_server)
+
+    s = sub.add_parser("run", help="run the dvc.yaml stages as a Prefect flow (DVC skips what is up to date)")
+    s.add_argument("--executor", choices=["dvc", "inprocess"], default="dvc",
+                   help="dvc: `dvc repro --single-item` per stage (default); inprocess: call run() directly")
+    s.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (still in dvc.yaml order)")
+    s.add_argument("--force", action="store_true", help="rerun even if up to date (dvc repro --force)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="the whole DAG on the embedded synthetic source, then promote; says where to look")
+    s.add_argument("--executor", choices=["dvc", "inprocess"], default=None,
+                   help="default: dvc in a git+DVC checkout, else inprocess")
+    s.add_argument("--no-promote", action="store_true", help="skip the promotion gate")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("nightly", help="one nightly run now: refresh, reproduce if stale, gate the champion")
+    s.add_argument("--config", default="nightly.yaml")
+    s.set_defaults(func=cmd_nightly)
+
+    s = sub.add_parser("deploy", help="serve the nightly (cron) and pipeline deployments (needs `prefect server start`)")
+    s.add_argument("--config", default="nightly.yaml")
+    s.add_argument("--pool", help="register on this work pool instead of serving (then: prefect worker start --pool P)")
+    s.add_argument("--gpu-limit", type=int, default=1, help="slots of the `gpu` concurrency limit (created if absent)")
+    s.add_argument("--dry-run", action="store_true", help="print the deployments and schedules; no server needed")
+    s.set_defaults(func=cmd_deploy)
+
+    s = sub.add_parser("ui", help="open the MLflow UI over mlruns/ (prints the command)")
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--dry-run", action="store_true", help="only print the command")
+    s.set_defaults(func=cmd_ui)
+
+    s = sub.add_parser("promote", help="gate a model version against the champion now (or --force a rollback)")
+    s.add_argument("--config", default="nightly.yaml")
+    s.add_argument("--version", help="model version (default: the one built from the current pipeline outputs)")
+    s.add_argument("--force", action="store_true", help="make --version champion without comparing (logged)")
+    s.set_defaults(func=cmd_promote)
     return p
 
 

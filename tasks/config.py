@@ -66,6 +66,7 @@ class Ingest(Strict):
     max_retries: int = Field(default=5, ge=0)
     backoff_cap: float = Field(default=30.0, gt=0)
     token_env: str = "ISIC_TOKEN"  # name of the env var holding an optional API token (never the token)
+    max_failures: int = Field(default=0, ge=0)  # downloads allowed to fail before the stage errors
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Ingest":
@@ -78,9 +79,16 @@ class Ingest(Strict):
 
 # --------------------------------------------------------------------------- data preparation
 class Dedupe(Strict):
-    phash_max_distance: int = Field(default=40, ge=0, le=256)  # on the 256-bit pHash
-    verify_corr_min: float = Field(default=0.95, ge=-1.0, le=1.0)
-    thumb_size: int = Field(default=48, ge=8, le=256)
+    """Exact + near-duplicate detection (tasks/dedupe.py); README 'Dedupe' explains each knob."""
+
+    phash_max_distance: int = Field(default=40, ge=0, le=256)  # candidate radius on the 256-bit pHash
+    verify_corr_min: float = Field(default=0.95, ge=-1.0, le=1.0)  # grey-thumbnail correlation (aligned)
+    verify_detail_min: float = Field(default=0.95, ge=-1.0, le=1.0)  # band-pass (detail) correlation
+    thumb_size: int = Field(default=64, ge=16, le=256)  # verification thumbnail side, px
+    search_recall: float = Field(default=0.999, gt=0.0, lt=1.0)  # LSH: P(pair at the radius is found)
+    brute_force_max: int = Field(default=4096, ge=2)  # up to this many distinct hashes: exact all-pairs
+    seed: int = 0  # LSH bit sampling
+    trust_ingest_sha256: bool = True  # reuse ingest's sha256 column instead of re-reading every file
     keep_policy: list[Literal["labelled", "larger", "license"]] = Field(
         default_factory=lambda: ["labelled", "larger", "license"]
     )
@@ -89,7 +97,10 @@ class Dedupe(Strict):
 
 class Clean(Strict):
     indeterminate: Literal["drop", "benign", "malignant"] = "drop"
-    min_side: int = Field(default=32, ge=1)
+    min_side: int = Field(default=32, ge=1)  # images with a shorter side (px) are quarantined
+    workers: int = Field(default=2, ge=1, le=64)  # decode threads (cv2.imdecode/hashlib release the GIL)
+    check_declared_size: bool = True  # quarantine if decoded size != metadata pixels_x/pixels_y (either orientation)
+    verify_checksum: bool = True  # quarantine if the bytes no longer match ingest's sha256 (or file_size)
 
 
 class Split(Strict):
@@ -97,6 +108,9 @@ class Split(Strict):
     val: float = Field(default=0.15, gt=0, lt=1)
     test: float = Field(default=0.15, gt=0, lt=1)
     seed: int = 42
+    # Columns whose shared values put images in one group (absent columns are skipped; isic_id always counts).
+    # `group_id` here is a source-provided split unit (e.g. isic-real's metadata), kept as `source_group_id`.
+    group_by: list[str] = Field(default_factory=lambda: ["patient_id", "lesion_id", "dup_group", "group_id"])
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> "Split":
@@ -107,27 +121,196 @@ class Split(Strict):
 
 
 class Preprocess(Strict):
-    size: int = Field(default=128, ge=16, le=1024)
-    aspect: Literal["pad", "crop"] = "pad"
+    """Resize + enhancement of every split image into data/preprocess (see docs/preprocess-augment.md)."""
+
+    size: int = Field(default=128, ge=16, le=1024)  # output side in px (square)
+    aspect: Literal["pad", "crop"] = "pad"  # pad = letterbox the whole image; crop = centre square
+    pad_mode: Literal["constant", "edge"] = "constant"  # letterbox fill: pad_value, or replicate the border
+    pad_value: int = Field(default=0, ge=0, le=255)
     clahe: bool = True
     clip_limit: float = Field(default=2.0, gt=0)
-    tile_grid: int = Field(default=8, ge=1)
+    tile_grid: int = Field(default=8, ge=1, le=64)
     hair_removal: bool = False
+    hair_kernel: int = Field(default=0, ge=0, le=101)  # black-hat kernel side in px; 0 = auto (~size/32, odd)
+    hair_threshold: int = Field(default=10, ge=1, le=255)  # black-hat response that counts as hair
     color_constancy: bool = False
-    workers: int = Field(default=2, ge=1)
+    cc_power: float = Field(default=6.0, ge=1.0, le=32.0)  # shades-of-grey Minkowski p (1 = grey world)
+    workers: int = Field(default=2, ge=1, le=64)
+    png_compression: int = Field(default=1, ge=0, le=9)  # lossless either way; 1 vs 3: 1.3x faster, 1% bigger
+    max_failed_fraction: float = Field(default=0.05, ge=0, le=1)  # more failures than this fail the stage
 
 
 class Augment(Strict):
+    """albumentations pipeline (online in train, offline copies of the train split here)."""
+
     seed: int = 0
     hflip: float = Field(default=0.5, ge=0, le=1)
     vflip: float = Field(default=0.5, ge=0, le=1)
-    rotate_limit: int = Field(default=45, ge=0, le=180)
+    rotate_limit: int = Field(default=45, ge=0, le=180)  # degrees, uniform in [-limit, limit]
+    rotate_p: float = Field(default=0.5, ge=0, le=1)
     affine_p: float = Field(default=0.3, ge=0, le=1)
+    affine_scale: float = Field(default=0.1, ge=0, lt=1)  # zoom in [1 - s, 1 + s]
+    affine_translate: float = Field(default=0.05, ge=0, le=0.5)  # shift, fraction of the side
+    affine_shear: float = Field(default=5.0, ge=0, le=45)  # degrees
     color_jitter_p: float = Field(default=0.5, ge=0, le=1)
-    crop_scale_min: float = Field(default=0.7, gt=0, le=1)
+    brightness: float = Field(default=0.2, ge=0, le=1)
+    contrast: float = Field(default=0.2, ge=0, le=1)
+    saturation: float = Field(default=0.2, ge=0, le=1)
+    hue: float = Field(default=0.02, ge=0, le=0.5)  # fraction of the hue circle; skin tones: keep small
+    crop_scale_min: float = Field(default=0.7, gt=0, le=1)  # RandomResizedCrop area in [min, 1]
     clahe_p: float = Field(default=0.0, ge=0, le=1)
+    clahe_clip_limit: float = Field(default=2.0, gt=0)  # fixed, not sampled (a scalar in A.CLAHE is a range)
+    clahe_tile_grid: int = Field(default=8, ge=1, le=64)
     coarse_dropout_p: float = Field(default=0.2, ge=0, le=1)
-    offline_copies: int = Field(default=0, ge=0)
+    dropout_max_holes: int = Field(default=4, ge=1, le=64)
+    dropout_max_size: float = Field(default=0.1, gt=0, le=0.5)  # hole side, fraction of the image side
+    offline_copies: int = Field(default=0, ge=0, le=100)  # K augmented copies of each train image (0 = none)
+    workers: int = Field(default=2, ge=1, le=64)
+
+
+# --------------------------------------------------------------------------- cyclegan / upsample
+class Cyclegan(Strict):
+    """Benign->malignant CycleGAN on the train split (tasks/cyclegan.py, docs/cyclegan-upsample.md)."""
+
+    seed: int = 0
+    image_size: int = Field(default=32, ge=16, le=512)  # GAN resolution (multiple of 4); train images resized to it
+    base_filters: int = Field(default=16, ge=1, le=256)  # generator width (paper: 64)
+    n_res_blocks: int = Field(default=3, ge=0, le=16)  # generator depth (paper: 6 at 128 px, 9 at 256 px)
+    disc_filters: int = Field(default=16, ge=1, le=256)  # PatchGAN width (paper: 64)
+    disc_downsamples: int | None = Field(default=None, ge=1, le=7)  # None = field scaled like 70 px of 256
+    batch_size: int = Field(default=1, ge=1, le=256)  # paper: 1
+    epochs: int = Field(default=5, ge=0)
+    steps_per_epoch: int = Field(default=60, ge=1)
+    decay_epochs: int = Field(default=2, ge=0)  # the last N epochs decay the learning rate linearly to 0
+    lr: float = Field(default=2e-4, gt=0)
+    beta_1: float = Field(default=0.5, ge=0, lt=1)
+    cycle_weight: float = Field(default=10.0, ge=0)
+    identity_weight: float = Field(default=5.0, ge=0)  # paper: half the cycle weight
+    pool_size: int = Field(default=50, ge=0)  # history of generated images the discriminators see (0 = none)
+    flip: bool = True  # random flips/90-degree turns of train images (lesions have no orientation)
+    log_every: int = Field(default=10, ge=1)  # one losses.csv row = mean over this many steps
+    keep_checkpoints: int = Field(default=2, ge=1)
+    resume: bool = True  # continue from models/cyclegan/ckpt when its config and data fingerprint match
+    samples: int = Field(default=4, ge=1, le=32)  # rows per domain in reports/cyclegan/samples.png
+    deterministic: bool = True  # op determinism (bit-identical reruns on CPU)
+    mlflow: bool = True  # log params, losses, samples to tasks/tracking.py's store
+    register_model: bool = True  # and register G(benign->malignant) as a new version of `model_name`
+    experiment: str = "lesionflow"
+    model_name: str = "lesionflow-cyclegan"
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Cyclegan":
+        if self.image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4 (got {self.image_size})")
+        if self.decay_epochs > self.epochs:
+            raise ValueError(f"decay_epochs ({self.decay_epochs}) cannot exceed epochs ({self.epochs})")
+        return self
+
+
+class Upsample(Strict):
+    """Synthetic malignant train images from benign train images (tasks/upsample.py)."""
+
+    target_ratio: float = Field(default=0.5, ge=0, lt=1)  # malignant share of train to reach; 0 = pass-through
+    seed: int = 0
+    max_per_source: int = Field(default=1, ge=1, le=8)  # translations per benign image (extra: flips/turns)
+    upscale: Literal["residual", "resize"] = "residual"  # how GAN-size output returns to preprocess.size
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    quality: bool = True  # classifier share + KID in reports/upsample/metrics.json
+    feature_size: int = Field(default=32, ge=8, le=256)  # side of the images the quality features use
+    kid_subsets: int = Field(default=20, ge=1)
+    kid_subset_size: int = Field(default=100, ge=2)
+    samples: int = Field(default=8, ge=0, le=64)  # source -> synthetic pairs in reports/upsample/samples.png
+    mlflow: bool = True
+    experiment: str = "lesionflow"
+
+
+# --------------------------------------------------------------------------- train / evaluate
+Arch = Literal[
+    "small_cnn", "mobilenet", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vgg16",
+    "xception",
+]
+
+
+class Member(Strict):
+    """One ensemble member: architecture and initialisation; unset overrides fall back to `train`."""
+
+    name: str = Field(default="m0", pattern=r"^[A-Za-z0-9_-]+$")
+    arch: Arch = "small_cnn"
+    weights: Literal["imagenet", "none"] = "none"  # imagenet needs the file under $KERAS_HOME/models/
+    alpha: float = Field(default=1.0, gt=0, le=1.4)  # MobileNet width multiplier
+    input_size: int | None = Field(default=None, ge=32, le=1024)  # None = preprocess.size; resized in-model
+    metadata: bool = False  # dual input: image + (age, sex, site)
+    seed: int = 0  # added to train.seed so members differ
+    epochs: int | None = Field(default=None, ge=0)
+    fine_tune_epochs: int | None = Field(default=None, ge=0)
+    lr: float | None = Field(default=None, gt=0)
+
+
+class Train(Strict):
+    """Classifier training (tasks/train.py, docs/train-evaluate.md)."""
+
+    seed: int = 0
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    epochs: int = Field(default=10, ge=0)  # phase 1: head only for transfer members, whole net for small_cnn
+    lr: float = Field(default=1e-3, gt=0)
+    fine_tune_epochs: int = Field(default=0, ge=0)  # phase 2: top `fine_tune_layers` backbone layers unfrozen
+    fine_tune_layers: int = Field(default=30, ge=0)  # 0 = the whole backbone
+    fine_tune_lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)  # > 0 switches Adam to AdamW
+    loss: Literal["bce", "focal"] = "bce"
+    class_weight: bool = True  # balanced class weights (n / (2 n_c))
+    focal_gamma: float = Field(default=2.0, ge=0)
+    focal_alpha: float = Field(default=0.25, gt=0, lt=1)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    dropout: float = Field(default=0.3, ge=0, lt=1)
+    early_stopping_patience: int = Field(default=5, ge=1)
+    reduce_lr_patience: int = Field(default=2, ge=1)
+    reduce_lr_factor: float = Field(default=0.5, gt=0, lt=1)
+    min_lr: float = Field(default=1e-6, ge=0)
+    online_augment: bool = True  # albumentations (tasks.augment.build_augmenter) inside tf.data
+    cache: Literal["memory", "disk", "none"] = "memory"  # decoded images; disk = .cache/lesionflow/tfdata
+    include_offline_copies: bool = True  # rows with augmented_from (augment stage)
+    include_synthetic: bool = True  # rows flagged synthetic (upsample stage)
+    max_images: int | None = Field(default=None, ge=2)  # stratified cap on train rows (smoke profiles)
+    ensemble: Literal["stack", "mean"] = "stack"  # stack = logistic regression on val logits (calibrates too)
+    tta: int = Field(default=0, ge=0, le=4)  # flips averaged at predict: 0/1 none, 2 +h, 3 +v, 4 +hv
+    target_sensitivity: float = Field(default=0.90, gt=0, le=1)  # operating point chosen on val, stored
+    site_min_count: int = Field(default=5, ge=1)  # rarer sites become "other" in the metadata input
+    threads: int = Field(default=0, ge=0)  # TF intra/inter-op threads; 0 = TF default
+    deterministic: bool = True  # op determinism (bit-identical reruns on CPU)
+    download_weights: bool = False  # let Keras fetch ImageNet weights (network!); dvc repro keeps it off
+    members: list[Member] = Field(default_factory=lambda: [Member()], min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_members(self) -> "Train":
+        names = [m.name for m in self.members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"member names must be unique; repeated: {dupes}")
+        return self
+
+
+class Evaluate(Strict):
+    """Test-split scoring, plots and MLflow registration (tasks/evaluate.py)."""
+
+    bootstrap: int = Field(default=1000, ge=0)  # resamples for the ROC AUC CI (0 = none)
+    ci: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = 0
+    calibration_bins: int = Field(default=10, ge=2, le=100)
+    age_bands: list[float] = Field(default_factory=lambda: [0, 30, 45, 60, 75, 200])  # band edges, years
+    gallery: int = Field(default=12, ge=0, le=64)  # most confident mistakes shown
+    gradcam: int = Field(default=6, ge=0, le=32)
+    mlflow: bool = True  # log the run (params, metrics, plots, model) to tracking.py's store
+    register_model: bool = True  # and register the model as a new version of `model_name`
+    experiment: str = "lesionflow"
+    model_name: str = "lesionflow-classifier"
+
+    @field_validator("age_bands")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if len(v) < 2 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("needs >= 2 strictly increasing edges")
+        return v
 
 
 class Params(Strict):
@@ -139,6 +322,10 @@ class Params(Strict):
     split: Split = Split()
     preprocess: Preprocess = Preprocess()
     augment: Augment = Augment()
+    cyclegan: Cyclegan = Cyclegan()
+    upsample: Upsample = Upsample()
+    train: Train = Train()
+    evaluate: Evaluate = Evaluate()
 
 
 class ParamsError(ValueError):

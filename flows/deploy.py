@@ -1,0 +1,110 @@
+"""Deployments: `nightly` (cron + timezone from nightly.yaml) and `pipeline` (on demand), served or sent to a pool.
+
+Two ways to run them, both need a real Prefect server (`prefect server start`, PREFECT_API_URL set):
+- `lesionflow deploy`: this process serves both deployments (polls the server, runs each flow run in a
+  subprocess); simplest, nothing else to start.
+- `lesionflow deploy --pool local`: registers them on a process work pool; `prefect worker start --pool local`
+  (on any machine holding this checkout) picks the runs up. Docker/Kubernetes pools work the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.nightly import NIGHTLY_FILE, Nightly, load_nightly
+from flows.pipeline import GPU_LIMIT
+
+
+def schedules(cfg: Nightly) -> list[Any]:
+    """The nightly schedule object (a Prefect Cron with the configured timezone)."""
+    from prefect.schedules import Cron
+
+    return [Cron(cfg.cron, timezone=cfg.timezone)]
+
+
+def build_deployments(root: Path, cfg: Nightly, config: str = NIGHTLY_FILE) -> list[Any]:
+    """RunnerDeployments for `serve` (no server needed to build them, so tests can check the schedule)."""
+    from flows.nightly import nightly_flow
+    from flows.pipeline import pipeline_flow
+
+    root_s = str(root.resolve())
+    nightly = nightly_flow.to_deployment(
+        name="nightly", schedules=schedules(cfg), parameters={"root": root_s, "config": config},
+        tags=["lesionflow", "nightly"], concurrency_limit=1,  # two nightlies would fight over the DVC lock
+        description=f"Retrain and gate the champion; cron {cfg.cron!r} in {cfg.timezone}.")
+    pipeline = pipeline_flow.to_deployment(
+        name="pipeline", parameters={"root": root_s, "executor": "dvc"}, tags=["lesionflow"],
+        description="Reproduce the dvc.yaml stages (DVC skips what is up to date). Trigger on demand.")
+    return [nightly, pipeline]
+
+
+def require_server() -> str:
+    """The configured Prefect API URL; a clear error when there is none (the temporary server cannot schedule)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise SystemExit("no Prefect server configured: start one with `prefect server start` and set "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
+    return url
+
+
+def ensure_gpu_limit(limit: int = 1) -> str:
+    """Create the `gpu` global concurrency limit unless it exists (limits live in the server database)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            return f"gpu concurrency limit exists (limit {existing.limit})"
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
+            return f"created gpu concurrency limit (limit {limit})"
+
+
+def serve(root: Path, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> None:
+    """Serve both deployments from this process until interrupted (Ctrl-C pauses their schedules)."""
+    from prefect import serve as prefect_serve
+
+    cfg = load_nightly(root / config)
+    print(f"Prefect API: {require_server()}")
+    print(ensure_gpu_limit(gpu_limit))
+    prefect_serve(*build_deployments(root, cfg, config))
+
+
+def deploy_to_pool(root: Path, pool: str, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> list[str]:
+    """Register both deployments on work pool `pool`, code pulled from this checkout (a process pool needs no
+    image); returns the deployment ids."""
+    from flows.nightly import nightly_flow  # noqa: F401  (import check before the server round trips)
+    from prefect import flow as prefect_flow
+
+    cfg = load_nightly(root / config)
+    print(f"Prefect API: {require_server()}")
+    print(ensure_gpu_limit(gpu_limit))
+    root_s = str(root.resolve())
+    ids = []
+    for entry, name, kw in (
+        ("flows/nightly.py:nightly_flow", "nightly",
+         {"schedules": schedules(cfg), "parameters": {"root": root_s, "config": config}}),
+        ("flows/pipeline.py:pipeline_flow", "pipeline", {"parameters": {"root": root_s, "executor": "dvc"}}),
+    ):
+        f = prefect_flow.from_source(source=root_s, entrypoint=entry)
+        ids.append(str(f.deploy(name=name, work_pool_name=pool, tags=["lesionflow"], print_next_steps=False,
+                                build=False, push=False, **kw)))
+    print(f"deployed to pool {pool!r}; start a worker with: prefect worker start --pool {pool}")
+    return ids
+
+
+def describe(root: Path, config: str = NIGHTLY_FILE) -> str:
+    """What `lesionflow deploy --dry-run` prints: the deployments and their schedules, no server needed."""
+    cfg = load_nightly(root / config)
+    lines = []
+    for d in build_deployments(root, cfg, config):
+        sched = ", ".join(f"cron {s.schedule.cron!r} {s.schedule.timezone}" for s in d.schedules) or "on demand"
+        lines.append(f"{d.flow_name}/{d.name}: {sched}; parameters {d.parameters}")
+    lines.append(f"PREFECT_API_URL={os.environ.get('PREFECT_API_URL', '(unset: run `prefect server start`)')}")
+    return "\n".join(lines)

@@ -1,0 +1,20 @@
+"""ISIC Archive API v2 client (requests + pydantic only) and a local ISIC-compatible server for offline use."""
+
+from isic_client.client import IsicClient, explain_query_error
+from isic_client.download import DownloadReport, download_images
+from isic_client.models import Collection, FileRef, Image, ImageFiles, ImageMetadata, Page, validate_isic_id
+from isic_client.retry import (
+    ISIC_RETRY,
+    IsicApiError,
+    IsicError,
+    IsicTimeoutError,
+    IsicTransportError,
+    RetryPolicy,
+    TruncatedBody,
+)
+
+__all__ = [
+    "IsicClient", "explain_query_error", "DownloadReport", "download_images", "Collection", "FileRef", "Image",
+    "ImageFiles", "ImageMetadata", "Page", "validate_isic_id", "ISIC_RETRY", "IsicApiError", "IsicError",
+    "IsicTimeoutError", "IsicTransportError", "RetryPolicy", "TruncatedBody",
+]
