@@ -131,6 +131,20 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tasks.predict import predict
+
+    summary = predict(args.model, args.inputs, args.out, root=Path(args.root).resolve())
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tasks.tracking import serve
+
+    return serve(args.model, Path(args.root).resolve(), host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -197,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", help="model version (default: the one built from the current pipeline outputs)")
     s.add_argument("--force", action="store_true", help="make --version champion without comparing (logged)")
     s.set_defaults(func=cmd_promote)
+
+    s = sub.add_parser("predict", help="score image files/folders with a model (path, runs:/ or models:/ URI)")
+    s.add_argument("--model", default="models",
+                   help="models/ folder, a .keras file, runs:/ID/model or models:/lesionflow-classifier@champion")
+    s.add_argument("--out", required=True, help="CSV: isic_id, path, probability_malignant, prediction, error")
+    s.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("serve", help="REST scoring server for a registered model (mlflow models serve)")
+    s.add_argument("--model", default="models:/lesionflow-classifier@champion")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5001)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

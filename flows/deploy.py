@@ -52,18 +52,13 @@ def require_server() -> str:
 
 
 def ensure_gpu_limit(limit: int = 1) -> str:
-    """Create the `gpu` global concurrency limit unless it exists (limits live in the server database)."""
+    """Create/update the `gpu` tag concurrency limit (limits live in the server database, so a fresh server
+    needs this again; same as `prefect concurrency-limit create gpu 1`)."""
     from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        try:
-            existing = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-            return f"gpu concurrency limit exists (limit {existing.limit})"
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
-            return f"created gpu concurrency limit (limit {limit})"
+        client.create_concurrency_limit(tag=GPU_LIMIT, concurrency_limit=limit)  # upsert by tag
+    return f"tag concurrency limit {GPU_LIMIT!r}: {limit} task run(s) at a time"
 
 
 def serve(root: Path, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> None:

@@ -15,18 +15,21 @@ import subprocess
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.concurrency.sync import concurrency
 
 from flows import stages as registry
 
 DVC_FILE = "dvc.yaml"
-GPU_LIMIT = "gpu"  # name of the Prefect global concurrency limit every gpu-tagged stage occupies
+# Tag of the GPU stages; a Prefect tag concurrency limit on it (`prefect concurrency-limit create gpu 1`, or
+# `lesionflow deploy`) lets one GPU stage run at a time across all flow runs. The server enforces it when the
+# task run starts; when no limit exists nothing is checked (a global `concurrency()` block instead cost ~2 s
+# per stage here just to learn that no limit exists).
+GPU_LIMIT = "gpu"
 Executor = Literal["dvc", "inprocess"]
 # Loggers of stage code forwarded into Prefect's run logs by the in-process executor.
 STAGE_LOGGERS = ("tasks", "isic_client")
@@ -182,12 +185,6 @@ def execute_inprocess(stage: str, root: Path, params_file: Path, logger: Any) ->
 
 
 # --------------------------------------------------------------------------- Prefect
-def gpu_slot(tags: Sequence[str]):
-    """Occupy the `gpu` global concurrency limit for gpu-tagged stages; a no-op (with a warning) when the
-    limit is not defined on the server (`prefect gcl create gpu --limit 1` defines it)."""
-    return concurrency(GPU_LIMIT, occupy=1, strict=False) if "gpu" in tags else nullcontext()
-
-
 @task(log_prints=True)
 def run_stage(name: str, root: str, executor: Executor = "dvc", params: str = "params.yaml",
               force: bool = False) -> dict[str, Any]:
@@ -195,20 +192,20 @@ def run_stage(name: str, root: str, executor: Executor = "dvc", params: str = "p
     logger = get_run_logger()
     stage = registry.STAGES[name]
     root_p = Path(root).resolve()
-    with gpu_slot(stage.tags):
-        logger.info("stage %s (executor=%s, tags=%s)", name, executor, list(stage.tags))
-        if executor == "dvc":
-            result = execute_dvc(name, root_p, force, lambda line: logger.info("%s", line))
-        elif executor == "inprocess":
-            result = execute_inprocess(name, root_p, root_p / params, logger)
-        else:
-            raise PipelineError(f"unknown executor {executor!r}; use dvc or inprocess")
+    logger.info("stage %s (executor=%s, tags=%s)", name, executor, list(stage.tags))
+    if executor == "dvc":
+        result = execute_dvc(name, root_p, force, lambda line: logger.info("%s", line))
+    elif executor == "inprocess":
+        result = execute_inprocess(name, root_p, root_p / params, logger)
+    else:
+        raise PipelineError(f"unknown executor {executor!r}; use dvc or inprocess")
     logger.info("stage %s %s in %.1f s", name, "ran" if result["ran"] else "was up to date", result["seconds"])
     return result
 
 
 def stage_task(stage: registry.Stage, network_retries: int = 2, retry_delay_seconds: float = 30.0):
-    """The Prefect task for one stage: its name, its registry tags, retries when it touches the network."""
+    """The Prefect task for one stage: its name, its registry tags (`gpu` -> the tag concurrency limit),
+    retries when it touches the network."""
     retries = network_retries if "network" in stage.tags else 0
     return run_stage.with_options(name=stage.name, task_run_name=stage.name, tags=list(stage.tags),
                                   retries=retries, retry_delay_seconds=retry_delay_seconds)

@@ -203,7 +203,8 @@ def download_images(
             try:
                 dest = target_path(image, out_dir)  # validates the id before any path is built
             except ValueError as exc:
-                report.failed[key] = str(exc)
+                with lock:
+                    report.failed[key] = str(exc)
                 continue
             if key in seen:
                 continue

@@ -299,30 +299,50 @@ def save_keras(model: Any, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- tracking
-def log_to_mlflow(cfg: Cyclegan, paths: Paths, metrics: dict, history: pd.DataFrame, artifacts: list[Path],
-                  generator: Any, example: np.ndarray) -> dict:
-    """Log the run to tasks/tracking.py and register the generator; a summary of what was logged."""
-    if not cfg.mlflow:
-        return {"mlflow": "off"}
+def track(stage: str, section: Any, paths: Paths, metrics: dict, artifacts: list[Path], *,
+          history: pd.DataFrame | None = None, tags: dict[str, str] | None = None, model: Any = None,
+          model_file: Path | None = None, register_as: str | None = None) -> dict:
+    """Log one stage run through tasks/tracking.py (the only mlflow importer): params, metrics (history per step),
+    artifacts, and optionally a Keras model registered as `register_as`. Returns ids for metrics.json."""
     from tasks import tracking
-    from tasks.models.cyclegan import custom_objects
 
-    with tracking.stage_run(STAGE, paths, params=cfg.model_dump(mode="json"), experiment=cfg.experiment) as run:
-        tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        for rec in history.to_dict("records"):
-            tracking.log_metrics({f"loss/{k}": v for k, v in rec.items() if k not in ("step", "epoch")},
-                                 step=int(rec["step"]))
+    with tracking.start_run(paths.root, run_name=stage, experiment=section.experiment,
+                            tags={"stage": stage, **(tags or {})}) as active:
+        run_id = active.info.run_id
+        client = tracking.client()
+        for key, value in tracking.flatten(section.model_dump(mode="json")).items():
+            client.log_param(run_id, key, "null" if value is None else str(value))
+        for key, value in tracking.numeric(tracking.flatten(metrics)).items():
+            client.log_metric(run_id, key, value)
+        if history is not None:
+            for rec in history.to_dict("records"):
+                for key, value in rec.items():
+                    if key not in ("step", "epoch") and np.isfinite(value):
+                        client.log_metric(run_id, f"loss.{key}", float(value), step=int(rec["step"]))
         for path in artifacts:
-            tracking.log_artifact(path)
-        version = None
-        if cfg.register_model:
-            version = tracking.log_keras_model(
-                generator, name="generator_b2m", registered_model_name=cfg.model_name,
-                input_example=example, custom_objects=custom_objects(),
-                tags={"stage": STAGE, "direction": "benign->malignant", "image_size": str(cfg.image_size)},
-            )
-    return {"mlflow_run_id": getattr(run, "run_id", None) or getattr(getattr(run, "info", None), "run_id", None),
-            "registered_version": version}
+            if Path(path).exists():
+                client.log_artifact(run_id, str(path), "reports")
+        out: dict[str, Any] = {"mlflow_run_id": run_id}
+        if model is not None and register_as:
+            log_keras = getattr(tracking, "log_keras_model", None)
+            if log_keras is None:
+                # tasks/tracking.py offers no Keras-model logger yet: keep the file with the run, do not register
+                # a plain artifact (MLflow 3 only registers logged models).
+                if model_file is not None:
+                    client.log_artifact(run_id, str(model_file), "model_file")
+                out["registered_version"] = None
+                out["register_skipped"] = "tasks.tracking.log_keras_model missing"
+                log.warning("%s: not registered as %s (tasks.tracking.log_keras_model missing)", stage, register_as)
+            else:
+                from tasks.models.cyclegan import custom_objects
+
+                example = np.zeros((1, *model.input_shape[1:]), np.float32)
+                model_uri = log_keras(model, name="generator_b2m", input_example=example,
+                                      custom_objects=custom_objects())
+                out["model_uri"] = model_uri
+                out["registered_version"] = tracking.register(model_uri, register_as,
+                                                              {**(tags or {}), "run_id": run_id})
+    return out
 
 
 # --------------------------------------------------------------------------- the stage
@@ -367,11 +387,20 @@ def run(params: Params, paths: Paths) -> dict:
     }
     metrics.update({f"last_epoch_{k}": round(float(last[k].mean()), 5) for k in
                     ("g_total", "d_a", "d_b", "cycle_a", "cycle_b") if k in last})
-    example = np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    tracked = log_to_mlflow(cfg, paths, metrics, result.history,
-                            [report_dir / "losses.csv", report_dir / "samples.png"], gan.g_ab, example)
     write_json(report_dir / "metrics.json", metrics)
+    tracked: dict[str, Any] = {"mlflow": "off"}
+    if cfg.mlflow:
+        from tasks.tracking import dvc_hash
+
+        digest, _ = dvc_hash(paths.root, f"data/{INPUT_STAGE}")
+        tracked = track(STAGE, cfg, paths, metrics, [report_dir / f for f in ("metrics.json", "losses.csv",
+                                                                                "samples.png")],
+                        history=result.history, model=gan.g_ab, model_file=gen_path,
+                        register_as=cfg.model_name if cfg.register_model else None,
+                        tags={"direction": "benign->malignant", "data_fingerprint": result.fingerprint,
+                              "data_hash": str(digest), "image_size": str(cfg.image_size)})
+    write_json(report_dir / "mlflow.json", tracked)  # run ids change every run: kept out of the DVC metrics
     return {**{k: metrics[k] for k in ("train_benign", "train_malignant", "steps", "resumed_from_step",
                                        "train_seconds", "cycle_l1_benign")}, **tracked,
             "generator": paths.rel(gen_path)}

@@ -360,43 +360,45 @@ class Verdict:
     accepted: bool
 
 
-def verify_pair(ta: np.ndarray, tb: np.ndarray, corr_min: float, detail_min: float) -> Verdict:
-    """Same photo? Correlation of grey thumbnails AND of their detail, aligning B onto A (ECC, affine) if needed."""
+def aligned_scores(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
+    """(corr, detail) after warping b onto a with an ECC affine fit; None if no small warp fits."""
     import cv2
 
-    a = ta.astype(np.float32)
-    b = tb.astype(np.float32)
-    scale = a.shape[0] / 64.0
-    ba, bb = _bandpass(a, scale), _bandpass(b, scale)
-    corr, detail = _ncc(a, b), _ncc(ba, bb)
-    if corr >= corr_min and detail >= detail_min:
-        return Verdict(corr, detail, False, True)
-    if corr < _ECC_GATE:
-        return Verdict(corr, detail, False, False)
+    side = a.shape[0]
+    scale = side / 64.0
     warp = np.eye(2, 3, dtype=np.float32)
     try:
         _, warp = cv2.findTransformECC(a, b, warp, cv2.MOTION_AFFINE,
                                        (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 60, 1e-5), None, 3)
     except cv2.error:  # did not converge: the images are not one affine map apart
-        return Verdict(corr, detail, False, False)
-    lin = warp[:, :2]
-    if np.abs(lin - np.eye(2)).max() > _MAX_WARP or np.abs(warp[:, 2]).max() > _MAX_WARP * a.shape[0]:
-        return Verdict(corr, detail, False, False)
-    side = a.shape[0]
+        return None
+    if np.abs(warp[:, :2] - np.eye(2)).max() > _MAX_WARP or np.abs(warp[:, 2]).max() > _MAX_WARP * side:
+        return None
     flags = cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP
     bw = cv2.warpAffine(b, warp, (side, side), flags=flags, borderMode=cv2.BORDER_REFLECT)
     valid = cv2.warpAffine(np.ones_like(b), warp, (side, side), flags=flags, borderValue=0) > 0.999
-    # Band-pass near the border mixes in reflected pixels: judge detail on the interior only.
+    # Band-pass near the border of the warped image mixes in reflected pixels: judge detail on the interior.
     margin = max(1, int(round(2 * _BANDPASS[1] * scale)))
     inner = cv2.erode(valid.astype(np.uint8), np.ones((2 * margin + 1,) * 2, np.uint8)) > 0
     if inner.sum() < 0.25 * side * side:
+        return None
+    return _ncc(a, bw, valid), _ncc(_bandpass(a, scale), _bandpass(bw, scale), inner)
+
+
+def verify_pair(ta: np.ndarray, tb: np.ndarray, corr_min: float, detail_min: float) -> Verdict:
+    """Same photo? Grey-thumbnail AND detail correlation pass, as they are or after aligning b onto a."""
+    a = ta.astype(np.float32)
+    b = tb.astype(np.float32)
+    scale = a.shape[0] / 64.0
+    corr, detail = _ncc(a, b), _ncc(_bandpass(a, scale), _bandpass(b, scale))
+    if corr >= corr_min and detail >= detail_min:
+        return Verdict(corr, detail, False, True)
+    if corr < _ECC_GATE:  # too different for a crop/squash of the same photo: skip the costly alignment
         return Verdict(corr, detail, False, False)
-    c2 = _ncc(a, bw, valid)
-    d2 = _ncc(ba, _bandpass(bw, scale), inner)
-    # Accept only if one configuration (here: aligned) passes both tests; report the better-detail one.
-    if d2 >= detail or c2 >= corr_min:
-        return Verdict(c2, d2, True, c2 >= corr_min and d2 >= detail_min)
-    return Verdict(corr, detail, False, False)
+    al = aligned_scores(a, b)
+    if al is None or al[1] < detail:  # alignment did not help: report the unaligned scores
+        return Verdict(corr, detail, False, False)
+    return Verdict(al[0], al[1], True, al[0] >= corr_min and al[1] >= detail_min)
 
 
 def verify_pairs(thumbs: np.ndarray, pairs: pd.DataFrame, corr_min: float, detail_min: float,

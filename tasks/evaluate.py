@@ -338,27 +338,40 @@ def test_rows(index: pd.DataFrame) -> pd.DataFrame:
     return select_rows(index, "test")
 
 
-def score_model(model_uri_or_path: str | Path, index_df: pd.DataFrame, paths: Paths, *,
-                n_bootstrap: int = 1000, seed: int = 0, with_predictions: bool = False) -> dict[str, Any]:
-    """Score any model (folder/.keras path, runs:/ or models:/ URI) on the test rows of `index_df`.
+def score_model(model_uri_or_path: str | Path, index_or_params: pd.DataFrame | Params, paths: Paths, *,
+                n_bootstrap: int | None = None, seed: int = 0, with_predictions: bool = False) -> dict[str, Any]:
+    """Score any model (folder/.keras path, runs:/ or models:/ URI) on the frozen test split.
 
-    Each model applies its own stored preprocessing to the raw images (`path`), exactly as `predict` does, so
-    a champion trained at another size or with other preprocessing is scored on the same frozen test images.
+    `index_or_params`: an index table (its test rows are used), or Params (then the index train reads,
+    data/<INPUT_STAGE>/index.parquet under paths, and evaluate's bootstrap count). Each model applies its own
+    stored preprocessing to the raw images (`path`), exactly as `predict` does, so a champion trained at
+    another size or with other preprocessing is scored on the same test images. Top-level `auc`,
+    `false_negatives`, `false_positives`, `sensitivity`, `specificity` are at the model's own operating point.
     """
     from tasks.predict import load_bundle
+    from tasks.train import INPUT_STAGE
 
-    bundle = load_bundle(model_uri_or_path, paths.root)
+    if isinstance(index_or_params, Params):
+        index_df = read_index(paths, INPUT_STAGE)
+        n_boot = index_or_params.evaluate.bootstrap if n_bootstrap is None else n_bootstrap
+        seed = index_or_params.evaluate.seed
+    else:
+        index_df, n_boot = index_or_params, 1000 if n_bootstrap is None else n_bootstrap
     rows = test_rows(index_df)
+    if rows.empty:
+        raise ValueError("no labelled test rows in the index")
     if "path" not in rows:
         raise ValueError("index has no `path` column (raw image path); pass an index from ingest or later")
+    bundle = load_bundle(model_uri_or_path, paths.root)
+    meta_cols = [c for c in ("age_approx", "sex", "anatom_site_1", "anatom_site_general") if c in rows]
     preds = bundle.predict_frame(pd.DataFrame({"path": [str(paths.abs(p)) for p in rows["path"]],
-                                               **{c: rows[c] for c in ("age_approx", "sex", "anatom_site_1",
-                                                                       "anatom_site_general") if c in rows}}))
+                                               **{c: rows[c].to_numpy() for c in meta_cols}}))
     ok = preds["error"].isna().to_numpy()
     out = score(preds.loc[ok, "probability_malignant"], rows.loc[ok, "target"], threshold=bundle.threshold,
-                n_bootstrap=n_bootstrap, seed=seed)
-    out["n_errors"] = int((~ok).sum())
-    out["model"] = str(model_uri_or_path)
+                n_bootstrap=n_boot, seed=seed)
+    op = out["at_operating_point"]
+    out.update({"false_negatives": op["fn"], "false_positives": op["fp"], "sensitivity": op["sensitivity"],
+                "specificity": op["specificity"], "n_errors": int((~ok).sum()), "model": str(model_uri_or_path)})
     if with_predictions:
         out["predictions"] = pd.DataFrame({"source": rows["source"], "isic_id": rows["isic_id"],
                                            "target": rows["target"],
@@ -447,7 +460,7 @@ def run(params: Params, paths: Paths) -> dict:
     for name, fig in figures.items():
         save_figure(fig, out / f"{name}.png")
 
-    write_json(out / "metrics.json", _round(metrics))
+    write_json(out / "metrics.json", round_floats(metrics))
     summary = {"auc": metrics["auc"], "auc_ci": [metrics["auc_ci_low"], metrics["auc_ci_high"]],
                "sensitivity_at_op": metrics["at_operating_point"]["sensitivity"],
                "specificity_at_op": metrics["at_operating_point"]["specificity"], "n_test": metrics["n"]}
@@ -463,11 +476,12 @@ def run(params: Params, paths: Paths) -> dict:
     return summary
 
 
-def _round(obj: Any, digits: int = 6) -> Any:
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """Floats in nested dicts/lists rounded, so reports read well and diff cleanly."""
     if isinstance(obj, float):
         return round(obj, digits)
     if isinstance(obj, dict):
-        return {k: _round(v, digits) for k, v in obj.items()}
+        return {k: round_floats(v, digits) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_round(v, digits) for v in obj]
+        return [round_floats(v, digits) for v in obj]
     return obj

@@ -108,8 +108,7 @@ def fetch_isic(name: str, base_url: str, query: str, collections: Iterable[int |
                cfg: Ingest, image_dir: Path, kind: str = "isic") -> SourceResult:
     """Search the API, download images (resumable, concurrent, atomic) and collect their metadata."""
     from isic_client.client import IsicClient
-    from isic_client.download import download_images
-    from isic_client.models import validate_isic_id
+    from isic_client.download import download_images, target_path
 
     kw = _client_kwargs(cfg)
     client = IsicClient.from_env(base_url, token_env=cfg.token_env, **kw)
@@ -122,11 +121,9 @@ def fetch_isic(name: str, base_url: str, query: str, collections: Iterable[int |
     res.failed.update(report.failed)
     res.downloaded, res.skipped = len(report.downloaded), len(report.skipped)
     for img in images:
-        isic_id = validate_isic_id(img.isic_id)
-        if isic_id in res.failed:
+        if img.isic_id in res.failed:  # includes ids the downloader refused (e.g. `../x`)
             continue
-        ext = Path(img.files.full.url.split("?")[0]).suffix.lower() or ".jpg"
-        res.rows.append({**img.flat_metadata(), "_file": image_dir / f"{isic_id}{ext}"})
+        res.rows.append({**img.flat_metadata(), "_file": target_path(img, image_dir)})
     for lic in sorted({str(r.get("copyright_license")) for r in res.rows if r.get("copyright_license")}):
         try:
             res.licenses[lic] = client.license_text(lic)

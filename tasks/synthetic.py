@@ -59,9 +59,9 @@ PLANTED_COLUMNS = ["isic_id", "kind", "of_isic_id", "detail"]
 
 # Licences are per cohort in the archive; a re-upload by another cohort carries another licence.
 COHORTS = (
-    ("Synthetic Cohort A (lesionflow, not real patients)", "CC-0"),
-    ("Synthetic Cohort B (lesionflow, not real patients)", "CC-BY"),
-    ("Synthetic Cohort C (lesionflow, not real patients)", "CC-BY-NC"),
+    ("lesionflow Synthetic Cohort A (generated images of no real patient)", "CC-0"),
+    ("lesionflow Synthetic Cohort B (generated images of no real patient)", "CC-BY"),
+    ("lesionflow Synthetic Cohort C (generated images of no real patient)", "CC-BY-NC"),
 )
 COHORT_WEIGHTS = (0.3, 0.3, 0.4)
 LICENSE_URLS = {

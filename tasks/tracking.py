@@ -7,7 +7,8 @@ Store: tracking + registry in `sqlite:///<root>/mlruns/mlflow.db`, artifacts in 
 Small API for the stages and the nightly flow:
 `tracking_uri(root)`, `start_run(root, ...)`, `register(model_uri, name, tags) -> version`,
 `get_alias(name, alias) -> version | None`, `set_alias(name, alias, version)`,
-`set_version_tags(name, version, tags)`, `download_model(uri, root)`, `log_evaluation(...)` (evaluate's run).
+`set_version_tags(name, version, tags)`, `current_version(name, root)`, `download_model(uri, root)`,
+`log_evaluation(...)` (evaluate's run).
 The logged model is a pyfunc (`LesionflowModel`) wrapping the Keras model + its stored preprocessing: input a
 DataFrame with `path` (image files) or `image` (encoded bytes; base64 in JSON), optional age_approx / sex /
 anatom_site_1; output probability_malignant, prediction (stored operating point), error.
@@ -21,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no lookups of config.mlflow-telemetry.io (trap 5)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in stage logs
 
 EXPERIMENT = "lesionflow"
 MODEL_NAME = "lesionflow-classifier"
@@ -86,43 +89,68 @@ def start_run(root: Path | str, run_name: str | None = None, experiment: str = E
         yield run
 
 
-def client() -> Any:
+def client(root: Path | str | None = None) -> Any:
+    """An MlflowClient on the project's store: `root`'s, else the one already configured in this process,
+    else the current directory's (so the registry helpers work without a prior start_run)."""
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if root is not None or not is_tracking_uri_set():
+        configure(root if root is not None else Path.cwd())
     return mlflow.MlflowClient()
 
 
 # --------------------------------------------------------------------------- registry (aliases only)
-def register(model_uri: str, name: str = MODEL_NAME, tags: dict[str, Any] | None = None) -> str:
+def register(model_uri: str, name: str = MODEL_NAME, tags: dict[str, Any] | None = None,
+             root: Path | str | None = None) -> str:
     """Register `model_uri` as a new version of `name`; returns the version (a string, as MLflow does)."""
+    client(root)
     mv = mlflow.register_model(model_uri, name, tags={k: _tag(v) for k, v in (tags or {}).items()})
     return str(mv.version)
 
 
-def get_alias(name: str, alias: str) -> str | None:
+def get_alias(name: str, alias: str, root: Path | str | None = None) -> str | None:
     """The version an alias points to, or None when the alias (or the model) does not exist."""
     try:
-        return str(client().get_model_version_by_alias(name, alias).version)
+        return str(client(root).get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
 
 
-def set_alias(name: str, alias: str, version: str | int) -> None:
-    client().set_registered_model_alias(name, alias, str(version))
+def set_alias(name: str, alias: str, version: str | int, root: Path | str | None = None) -> None:
+    client(root).set_registered_model_alias(name, alias, str(version))
 
 
-def delete_alias(name: str, alias: str) -> None:
-    client().delete_registered_model_alias(name, alias)
+def delete_alias(name: str, alias: str, root: Path | str | None = None) -> None:
+    client(root).delete_registered_model_alias(name, alias)
 
 
-def set_version_tags(name: str, version: str | int, tags: dict[str, Any]) -> None:
+def set_version_tags(name: str, version: str | int, tags: dict[str, Any], root: Path | str | None = None) -> None:
+    c = client(root)
     for k, v in tags.items():
-        client().set_model_version_tag(name, str(version), k, _tag(v))
+        c.set_model_version_tag(name, str(version), k, _tag(v))
 
 
-def version_info(name: str, version: str | int) -> dict[str, Any]:
+def version_info(name: str, version: str | int, root: Path | str | None = None) -> dict[str, Any]:
     """run_id, source, tags and aliases of one registered version."""
-    mv = client().get_model_version(name, str(version))
+    mv = client(root).get_model_version(name, str(version))
     return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags),
             "aliases": list(getattr(mv, "aliases", []) or [])}
+
+
+def current_version(name: str, root: Path | str) -> str | None:
+    """The version the last evaluate of this project registered (reports/evaluate/mlflow.json), if it still
+    exists in the registry; None when evaluate has not registered one."""
+    info_file = Path(root) / "reports" / "evaluate" / "mlflow.json"
+    if not info_file.exists():
+        return None
+    info = json.loads(info_file.read_text())
+    if info.get("registered_model") != name or not info.get("version"):
+        return None
+    try:
+        client(root).get_model_version(name, str(info["version"]))
+    except mlflow.exceptions.MlflowException:
+        return None
+    return str(info["version"])
 
 
 def download_model(uri: str, root: Path | str) -> str:
@@ -202,7 +230,8 @@ class LesionflowModel(mlflow.pyfunc.PythonModel):
 
         self.bundle = Bundle.from_files(context.artifacts["model"], context.artifacts["config"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # No type hints on predict: MLflow would read them as a (list-of-rows) input schema; the signature rules.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return self.bundle.predict_frame(df.reset_index(drop=True))
 
@@ -306,11 +335,13 @@ def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports:
             if Path(folder).exists():
                 mlflow.log_artifacts(str(folder), artifact_path=f"reports/{Path(folder).name}")
         cols = [c for c in ("source", "isic_id", "target", "split", "age_approx", "sex") if c in test_index]
-        dataset = mlflow.data.from_pandas(test_index[cols].reset_index(drop=True),
-                                          source=str(paths.index(INPUT_STAGE)), targets="target",
-                                          name=f"{INPUT_STAGE}-test", digest=(digest or "")[:36] or None)
-        mlflow.log_input(dataset, context="testing", tags={"dvc_out": f"data/{INPUT_STAGE}",
-                                                           "hash_source": digest_source})
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column hints
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(test_index[cols].reset_index(drop=True),
+                                              source=str(paths.index(INPUT_STAGE)), targets="target",
+                                              name=f"{INPUT_STAGE}-test", digest=(digest or "")[:36] or None)
+            mlflow.log_input(dataset, context="testing", tags={"dvc_out": f"data/{INPUT_STAGE}",
+                                                               "hash_source": digest_source})
         info = log_pyfunc(model_dir, _example_image(test_index, root))
         result: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                   "model_uri": info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model",
@@ -322,7 +353,8 @@ def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports:
                     "test_specificity": op.get("specificity"), "test_fn": op.get("fn"), "test_n": metrics.get("n"),
                     "threshold": op.get("threshold"), "data_hash": digest, "git_commit": git_state(root)["git_commit"],
                     "run_id": run.info.run_id}
-            version = register(info.model_uri, cfg.model_name, {k: v for k, v in tags.items() if v is not None})
+            version = register(info.model_uri, cfg.model_name, {k: v for k, v in tags.items() if v is not None},
+                               root)
             result.update({"registered_model": cfg.model_name, "version": version})
     return result
 

@@ -215,16 +215,26 @@ def predict_proba(model: Any, images: np.ndarray, metadata: np.ndarray | None = 
     if len(images) == 0:
         return np.zeros(0)
     names = input_names(model)
-    out = np.zeros(len(images))
+    if METADATA_INPUT in names and metadata is None:
+        raise ValueError("this model takes metadata (age, sex, site); none given")
+    n = len(images)
+    out = np.zeros(n)
     views = flips(images, tta)
     for view in views:
-        feeds = {IMAGE_INPUT: np.ascontiguousarray(view, dtype=np.float32)}
-        if METADATA_INPUT in names:
-            if metadata is None:
-                raise ValueError("this model takes metadata (age, sex, site); none given")
-            feeds[METADATA_INPUT] = np.asarray(metadata, dtype=np.float32)
-        out += model.predict(feeds, batch_size=batch_size, verbose=0).reshape(-1).astype(np.float64)
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            # Every batch padded to batch_size: one input shape, so the predict function is traced once.
+            feeds = {IMAGE_INPUT: _pad(np.asarray(view[start:stop], dtype=np.float32), batch_size)}
+            if METADATA_INPUT in names:
+                feeds[METADATA_INPUT] = _pad(np.asarray(metadata[start:stop], dtype=np.float32), batch_size)
+            out[start:stop] += np.asarray(model.predict_on_batch(feeds)).reshape(-1)[: stop - start]
     return out / len(views)
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    if len(x) == n:
+        return np.ascontiguousarray(x)
+    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
 
 
 # --------------------------------------------------------------------------- tf.data
@@ -500,7 +510,7 @@ def load_val_images(files: Sequence[str], size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the stage
 def run(params: Params, paths: Paths, *, augmenter_factory: Callable[[Any, int], Any] | None = None) -> dict:
     """Train every member, stack them on val, choose the operating point, write model + reports."""
-    from tasks.evaluate import binary_metrics, threshold_for_sensitivity
+    from tasks.evaluate import binary_metrics, round_floats, threshold_for_sensitivity
 
     cfg = params.train
     t0 = time.perf_counter()
@@ -579,7 +589,7 @@ def run(params: Params, paths: Paths, *, augmenter_factory: Callable[[Any, int],
         "members": member_metrics,
         "stacker": {"coef": coef, "intercept": intercept},
     }
-    write_json(report_dir / "metrics.json", _round(metrics))
+    write_json(report_dir / "metrics.json", round_floats(metrics))
     total = round(time.perf_counter() - t0, 2)
     write_json(report_dir / "timing.json", {"seconds": total, "members": timing, "gpus": runtime.gpus,
                                             "mixed_precision": runtime.mixed_precision})
@@ -591,17 +601,6 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
     return float(roc_auc_score(y, p)) if len(set(np.asarray(y).tolist())) == 2 else None
-
-
-def _round(obj: Any, digits: int = 6) -> Any:
-    """Round floats in reports so they read well (the full values live in the model config)."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: _round(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_round(v, digits) for v in obj]
-    return obj
 
 
 def load_config(models_dir: Path) -> dict[str, Any]:

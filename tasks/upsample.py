@@ -26,7 +26,8 @@ from tasks.io import KEY, Paths, read_index, write_bytes, write_index, write_jso
 log = logging.getLogger(__name__)
 
 STAGE = "upsample"
-INPUT_STAGE = "preprocess"
+# Train reads the stage before it; augment's rows (offline copies included) pass through here unchanged.
+INPUT_STAGE = "augment"
 SOURCE_SUFFIX = "+cyclegan"
 # Label columns of the benign image a synthetic row was made from: wrong for the synthetic image, so cleared;
 # `target` and `label` are the stage's own statement about it.
@@ -317,21 +318,6 @@ def quality_plot(probs: dict, metrics: dict) -> bytes:
     return buf.getvalue()
 
 
-# --------------------------------------------------------------------------- tracking
-def log_to_mlflow(cfg: Upsample, paths: Paths, metrics: dict, artifacts: list[Path]) -> dict:
-    """Log the stage's params, metrics and plots to tasks/tracking.py's store."""
-    if not cfg.mlflow:
-        return {"mlflow": "off"}
-    from tasks import tracking
-
-    with tracking.stage_run(STAGE, paths, params=cfg.model_dump(mode="json"), experiment=cfg.experiment) as run:
-        tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        for path in artifacts:
-            if path.exists():
-                tracking.log_artifact(path)
-    return {"mlflow_run_id": getattr(run, "run_id", None) or getattr(getattr(run, "info", None), "run_id", None)}
-
-
 # --------------------------------------------------------------------------- the stage
 def _read_rgb(paths: Paths, rel: Iterable[str]) -> list[np.ndarray]:
     from tasks.preprocess import decode
@@ -406,8 +392,13 @@ def run(params: Params, paths: Paths) -> dict:
         write_bytes(report_dir / "samples.png", encode_png(grid))
         artifacts.append(report_dir / "samples.png")
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    tracked = log_to_mlflow(cfg, paths, metrics, artifacts)
     write_json(report_dir / "metrics.json", metrics)
+    tracked: dict[str, Any] = {"mlflow": "off"}
+    if cfg.mlflow:
+        from tasks.cyclegan import track
+
+        tracked = track(STAGE, cfg, paths, metrics, [report_dir / "metrics.json", *artifacts])
+    write_json(report_dir / "mlflow.json", tracked)  # run ids change every run: kept out of the DVC metrics
     return {k_: metrics.get(k_) for k_ in ("requested", "generated", "ratio_before", "ratio_after",
                                            "synthetic_called_malignant", "kid_synthetic_vs_malignant")} | tracked
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,8 @@ def prefect_harness():
     """A temporary Prefect server for the whole session (8-11 s once); request it only where a flow runs."""
     from prefect.testing.utilities import prefect_test_harness
 
+    # A task blocked by a tag concurrency limit retries after this many seconds (server default 10).
+    os.environ.setdefault("PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", "0.5")
     with prefect_test_harness(server_startup_timeout=90):
         yield
 

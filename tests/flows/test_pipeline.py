@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -57,10 +58,10 @@ def test_stream_passes_every_line_and_exit_code(tmp_path):
     assert rc == 4 and sorted(seen) == ["err 2", "out 1", "out 3"] and tail == seen
 
 
-def test_dvc_executor_rejects_another_params_file(prefect_harness, tmp_path):
+def test_dvc_executor_rejects_another_params_file(tmp_path):
     write_dvc_yaml(tmp_path, ["ingest"])
-    with pytest.raises(PipelineError, match="reads params.yaml only"):
-        pipeline.pipeline_flow(root=str(tmp_path), params="params/other.yaml", executor="dvc")
+    with pytest.raises(PipelineError, match="reads params.yaml only"):  # .fn: the flow body, no engine needed
+        pipeline.pipeline_flow.fn(root=str(tmp_path), params="params/other.yaml", executor="dvc")
 
 
 # --------------------------------------------------------------------------- in-process flow on toy stages
@@ -95,18 +96,43 @@ def toy_inprocess(tmp_path, monkeypatch):
     return tmp_path, calls, state
 
 
-def test_flow_runs_stages_in_dvc_order_with_tags(prefect_harness, toy_inprocess, monkeypatch):
+def test_flow_runs_stages_in_dvc_order_with_tags(prefect_harness, toy_inprocess):
     root, calls, _ = toy_inprocess
-    slots: list[tuple[str, ...]] = []
-    real_slot = pipeline.gpu_slot
-    monkeypatch.setattr(pipeline, "gpu_slot", lambda tags: (slots.append(tuple(tags)), real_slot(tags))[1])
     results = pipeline.pipeline_flow(root=str(root), executor="inprocess")
     assert [c[0] for c in calls] == ["ingest", "clean", "train", "evaluate"]
     assert dict(calls) == {"ingest": ("network",), "clean": (), "train": ("gpu",), "evaluate": ("gpu",)}
     assert [r["stage"] for r in results] == ["ingest", "clean", "train", "evaluate"]
     assert results[2]["summary"] == {"n": 3} and results[2]["metrics"] == {"n": 3}
     assert all(r["ran"] and r["executor"] == "inprocess" for r in results)
-    assert "gpu" in slots[2] and "gpu" not in slots[0]  # the gpu limit is taken exactly around gpu stages
+
+
+def test_gpu_tag_limit_serialises_gpu_stages_across_flow_runs(prefect_harness, tmp_path, monkeypatch):
+    """Two pipeline runs at once: with the `gpu` tag limit at 1 their gpu stages never overlap."""
+    from prefect import get_client
+
+    from flows.deploy import ensure_gpu_limit
+
+    write_dvc_yaml(tmp_path, ["train"])
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    spans: list[tuple[float, float]] = []
+
+    def train(params, paths):
+        t0 = time.monotonic()
+        time.sleep(0.6)
+        spans.append((t0, time.monotonic()))
+        return {}
+
+    monkeypatch.setattr("flows.stages.STAGES", {"train": ToyStage("train", ("gpu",), fn=train)})
+    assert "1 task run" in ensure_gpu_limit(1); from prefect import get_client as _g; _c = _g(sync_client=True).__enter__(); _c.delete_concurrency_limit_by_tag("gpu")
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            futs = [ex.submit(pipeline.pipeline_flow, root=str(tmp_path), executor="inprocess") for _ in range(2)]
+            [f.result() for f in futs]
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag("gpu")  # the harness is shared by the whole session
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0, f"gpu stages overlapped: {spans}"
 
 
 def test_flow_retries_flaky_ingest_then_continues(prefect_harness, toy_inprocess):
@@ -160,7 +186,7 @@ def test_dvc_executor_failure_names_stage_and_output(prefect_harness, toy):
     (toy / "FAIL_train").write_text("")
     (toy / "params.yaml").write_text("ingest: {source: src}\ntrain: {lr: 0.2}\n")
     with pytest.raises(PipelineError, match=r"(?s)stage 'train'.*exited.*train: injected failure"):
-        pipeline.pipeline_flow(root=str(toy), executor="dvc")
+        pipeline.pipeline_flow(root=str(toy), executor="dvc", stages=["train"])
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ LAYOUT = {("train", 0): 6, ("train", 1): 2, ("val", 0): 2, ("val", 1): 1, ("test
 
 
 def make_preprocess(root: Path, size: int = 24, seed: int = 0, layout: dict | None = None) -> pd.DataFrame:
-    """Write root/data/preprocess/{images/*.png, index.parquet} and return the index."""
+    """Write root/data/preprocess/{images/*.png, index.parquet} and data/augment/index.parquet; return the latter."""
     from tasks.preprocess import encode_png
 
     paths = Paths(root)
@@ -59,4 +59,11 @@ def make_preprocess(root: Path, size: int = 24, seed: int = 0, layout: dict | No
             n += 1
     df = pd.DataFrame(rows)
     write_index(df, paths, "preprocess")
-    return df
+    # augment's output: the same rows plus offline copies of two train images (never GAN sources or domains)
+    copies = df.loc[df["split"].eq("train")].iloc[[0, -1]].copy()
+    copies["augmented_from"] = copies["source"]
+    copies["source"] = "fx~aug1"
+    augmented = pd.concat([df.assign(augmented_from=None), copies], ignore_index=True)
+    augmented["augmented_from"] = augmented["augmented_from"].astype("string")
+    write_index(augmented, paths, "augment")
+    return augmented
