@@ -52,7 +52,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from tasks.synthetic import generate
 
     df = generate(Path(args.out), n=args.n, seed=args.seed, malignant_fraction=args.malignant_fraction,
-                  image_size=args.size)
+                  image_size=args.size, trouble=not args.no_trouble)
     print(f"wrote {len(df)} metadata rows and images to {args.out}")
     return 0
 
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--malignant-fraction", type=float, default=0.3)
     s.add_argument("--size", type=int, default=128, help="image side in px")
+    s.add_argument("--no-trouble", action="store_true", help="no planted duplicates/corrupt files/label problems")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("isic-server", help="serve an ISIC-style folder over the ISIC API v2 (offline)")

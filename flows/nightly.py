@@ -139,6 +139,10 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, ma
     if champion is None:
         return Decision(True, "first", ("no champion yet: the first model becomes champion",))
     cp = Score.of(champion, "champion")
+    for k in ("n", "n_malignant"):  # false-negative counts only compare on the very same test rows
+        if k in ch.extra and k in cp.extra and ch.extra[k] != cp.extra[k]:
+            raise ValueError(f"challenger and champion were scored on different test sets ({k} {ch.extra[k]} vs "
+                             f"{cp.extra[k]}); refusing to compare")
     if ch.version == cp.version:
         return Decision(False, "same", (f"version {ch.version} already is the champion",), 0.0, 0)
     auc_delta, fn_delta = ch.auc - cp.auc, ch.false_negatives - cp.false_negatives
@@ -276,30 +280,33 @@ class MlflowRegistry:
     def champion(self) -> str | None:
         from tasks import tracking
 
-        return tracking.get_alias(self.model_name, self.alias)
+        return tracking.get_alias(self.model_name, self.alias, root=self.root)
 
     def challenger(self) -> str | None:
         from tasks import tracking
 
-        return tracking.current_version(self.model_name, self.root)
+        return tracking.current_version(self.model_name, self.root)  # what the last evaluate registered
 
     def score(self, version: str) -> dict[str, Any]:
         from tasks.config import load_params
         from tasks.evaluate import score_model
         from tasks.io import Paths
 
+        # same scorer, same params, same data/<stage>/index.parquet test rows for challenger and champion
         s = score_model(f"models:/{self.model_name}/{version}", load_params(self.params_file), Paths(self.root))
-        return {**s, "version": version}
+        keep = ("auc", "auc_ci_low", "auc_ci_high", "false_negatives", "false_positives", "sensitivity",
+                "specificity", "n", "n_malignant", "n_errors")
+        return {"version": version, **{k: s[k] for k in keep if k in s}}
 
     def set_champion(self, version: str) -> None:
         from tasks import tracking
 
-        tracking.set_alias(self.model_name, self.alias, version)
+        tracking.set_alias(self.model_name, self.alias, version, root=self.root)
 
     def tag(self, version: str, tags: Mapping[str, str]) -> None:
         from tasks import tracking
 
-        tracking.set_version_tags(self.model_name, version, dict(tags))
+        tracking.set_version_tags(self.model_name, version, dict(tags), root=self.root)
 
 
 def make_registry(cfg: Nightly, root: Path, params_file: Path) -> ModelRegistry:

@@ -53,6 +53,7 @@ class SyntheticSource(Strict):
     seed: int = 0
     malignant_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
     image_size: int = Field(default=128, ge=32, le=2048)
+    trouble: bool = True  # plant duplicates, corrupt files and label problems for dedupe/clean to find
 
 
 Source = Annotated[Union[IsicSource, LocalSource, SyntheticSource], Field(discriminator="kind")]

@@ -89,7 +89,7 @@ def synthetic_cache_key(src: SyntheticSource) -> str:
     import tasks.synthetic as synthetic
 
     code = Path(synthetic.__file__).read_bytes()
-    spec = f"{src.n}:{src.seed}:{src.malignant_fraction}:{src.image_size}".encode()
+    spec = f"{src.n}:{src.seed}:{src.malignant_fraction}:{src.image_size}:{src.trouble}".encode()
     return hashlib.sha256(spec + code).hexdigest()[:16]
 
 
@@ -183,13 +183,13 @@ def fetch_synthetic(src: SyntheticSource, cfg: Ingest, image_dir: Path, paths: P
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         generate(tmp, n=src.n, seed=src.seed, malignant_fraction=src.malignant_fraction,
-                 image_size=src.image_size)
+                 image_size=src.image_size, trouble=src.trouble)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     with running_server(folder) as base_url:
         res = fetch_isic(src.name, base_url, "", (), None, cfg, image_dir, kind="synthetic")
     res.detail.update({"n": src.n, "seed": src.seed, "malignant_fraction": src.malignant_fraction,
-                       "image_size": src.image_size, "served_from": "local ISIC server (isic_client.server)"})
+                       "image_size": src.image_size, "trouble": src.trouble, "served_from": "local ISIC server (isic_client.server)"})
     res.detail.pop("base_url", None)  # a random local port: keep the manifest deterministic
     return res
 

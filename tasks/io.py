@@ -74,6 +74,7 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; outputs are shared data, not secrets
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,10 @@ COHORTS = (
 )
 COHORT_WEIGHTS = (0.3, 0.3, 0.4)
 LICENSE_URLS = {
-    "CC-0": ("CC0 1.0 Universal (public domain dedication)", "https://creativecommons.org/publicdomain/zero/1.0/legalcode"),
-    "CC-BY": ("Creative Commons Attribution 4.0 International", "https://creativecommons.org/licenses/by/4.0/legalcode"),
+    "CC-0": ("CC0 1.0 Universal (public domain dedication)",
+             "https://creativecommons.org/publicdomain/zero/1.0/legalcode"),
+    "CC-BY": ("Creative Commons Attribution 4.0 International",
+              "https://creativecommons.org/licenses/by/4.0/legalcode"),
     "CC-BY-NC": ("Creative Commons Attribution-NonCommercial 4.0 International",
                  "https://creativecommons.org/licenses/by-nc/4.0/legalcode"),
 }
@@ -304,7 +306,7 @@ def paint_lesion(img: np.ndarray, spec: LesionSpec, cx: float, cy: float, scale_
         du, dv = rad * math.cos(ang), rad * math.sin(ang) / spec.elongation
         px = cx + R * (du * ca - dv * sa)
         py = cy + R * (du * sa + dv * ca)
-        size = max(0.5, R * srng.uniform(0.02, 0.04 + 0.05 * spec.atypia))
+        size = max(0.5, R * srng.uniform(0.015, 0.035 + 0.03 * spec.atypia))
         shade = np.array(BLACK if srng.uniform() < spec.atypia else DARK_BROWN, np.float32)
         strength = srng.uniform(0.4, 0.8)
         # Only the dot's own few pixels are touched (a whole-ROI pass per dot costs more than the lesion).
@@ -564,8 +566,9 @@ def _site(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def _dims(rng: np.random.Generator, size: int) -> tuple[int, int]:
-    if rng.uniform() < 0.25:  # some landscape 4:3 photos, as in the archive
-        return size, max(MIN_SIZE // 2, int(round(size * 0.75)))
+    landscape = rng.uniform() < 0.25  # some landscape 4:3 photos, as in the archive
+    if landscape and round(size * 0.75) >= MIN_SIZE:  # never shorter than the smallest allowed size
+        return size, int(round(size * 0.75))
     return size, size
 
 
@@ -781,6 +784,38 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
             (out_dir / f"{isic_id}.jpg").unlink(missing_ok=True)
 
 
-def spec_dict(spec: LesionSpec) -> dict[str, Any]:
-    """A LesionSpec as plain JSON-able data (for debugging and for other generators' manifests)."""
-    return asdict(spec)
+def sample_grid(seed: int = 0, image_size: int = 128, rows: int = 4, cols: int = 4,
+                tile: int | None = None) -> np.ndarray:
+    """A rows x cols BGR mosaic of fresh lesions (top half benign, bottom half malignant), each captioned.
+
+    Rendered at `image_size`, shown at `tile` px (INTER_AREA) so a docs picture can stay small.
+    """
+    validate_args(rows * cols, 0.5, image_size)
+    tile = int(tile or image_size)
+    rng = np.random.default_rng([int(seed), GENERATOR_VERSION, 99])
+    tiles = []
+    for k in range(rows * cols):
+        label = "benign" if k < rows * cols // 2 else "malignant"
+        style = sample_patient_style(rng)
+        spec = sample_lesion(rng, label, style)
+        img = render_image(spec, style, rng, image_size, image_size)
+        img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA) if tile != image_size else img
+        caption = np.full((16, tile, 3), 255, np.uint8)
+        cv2.putText(caption, f"{label} a={spec.atypia:.2f} c={len(spec.colours)}", (3, 12),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.34 * tile / 112, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(np.vstack([img, caption]))
+    return np.vstack([np.hstack(tiles[r * cols:(r + 1) * cols]) for r in range(rows)])
+
+
+def write_sample_grid(path: Path, seed: int = 0, image_size: int = 128, tile: int = 112) -> Path:
+    """Write the sample mosaic as a small PNG (docs picture), atomically.
+
+    Skin grain defeats PNG compression; 64 levels per channel are invisible here and halve the file.
+    """
+    grid = sample_grid(seed, image_size, tile=tile)
+    grid = (grid // 4) * 4 + 2
+    ok, buf = cv2.imencode(".png", grid, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise RuntimeError("cv2.imencode failed to encode the sample grid PNG")
+    write_bytes(path, buf.tobytes())
+    return Path(path)

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -463,7 +464,9 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
         if h.history.get("val_auc"):
             best = max(best, float(np.max(h.history["val_auc"])))
         if weights_file.exists():
-            model.load_weights(str(weights_file))  # best so far, so phase 2 starts from the best phase-1 state
+            with warnings.catch_warnings():  # the checkpoint's optimizer slots are of the previous compile
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(str(weights_file))  # best so far: phase 2 starts from the best phase-1 state
     return model, history
 
 

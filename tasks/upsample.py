@@ -34,6 +34,10 @@ SOURCE_SUFFIX = "+cyclegan"
 SOURCE_LABEL_COLUMNS = ("diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5",
                         "benign_malignant", "diagnosis", "dx", "diagnosis_isic2019", "dx_type")
 
+# Columns of earlier stages that describe an image file -> the generated file's value.
+FILE_COLUMNS = {"content_sha256": "sha256", "file_size": "file_size", "pixels_x": "width", "pixels_y": "height",
+                "image_width": "width", "image_height": "height", "decoded_x": "width", "decoded_y": "height"}
+
 
 # --------------------------------------------------------------------------- pure: how many, from which
 def n_to_generate(n_malignant: int, n_benign: int, target_ratio: float) -> int:
@@ -91,9 +95,12 @@ def synthetic_rows(sources: pd.DataFrame, files: list[dict]) -> pd.DataFrame:
         if col in rows.columns:
             rows[col] = None
     rows["sha256"] = [f["sha256"] for f in files]
-    for col, key in (("file_size", "file_size"), ("pixels_x", "width"), ("pixels_y", "height")):
-        if col in rows.columns:  # describe the new file where the input describes its files
+    for col, key in FILE_COLUMNS.items():
+        if col in rows.columns:  # describe the new file wherever the input describes its files
             rows[col] = [f[key] for f in files]
+    for col in ("phash",):  # per-image hashes of the source that were not recomputed
+        if col in rows.columns:
+            rows[col] = None
     return rows.reset_index(drop=True)
 
 
@@ -259,8 +266,9 @@ def quality(real_train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
             sources: np.ndarray, synthetic: np.ndarray, cfg: Upsample) -> tuple[dict, dict]:
     """Share of synthetic images a real-data classifier calls malignant, and KIDs; (metrics, probabilities).
 
-    The classifier is a balanced logistic regression on standardised `image_features` of the real train split;
-    its standardised feature space is the embedding the KIDs are measured in.
+    The classifier is a balanced logistic regression on standardised `image_features` of the real train split.
+    KIDs use the unstandardised features (each already in [0, 1]): standardising would let a feature that is
+    nearly constant on real images (a hue bin skin never reaches) blow every distance up by orders of magnitude.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -272,8 +280,7 @@ def quality(real_train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(class_weight="balanced", max_iter=2000, C=0.1).fit(scaler.transform(x_train), y_train)
     prob = lambda f: clf.predict_proba(scaler.transform(f))[:, 1]  # noqa: E731
-    emb_benign, emb_malignant = scaler.transform(x_train[y_train == 0]), scaler.transform(x_train[y_train == 1])
-    emb_syn = scaler.transform(synthetic)
+    emb_benign, emb_malignant, emb_syn = x_train[y_train == 0], x_train[y_train == 1], synthetic
     p = {"real benign": prob(x_train[y_train == 0]), "real malignant": prob(x_train[y_train == 1]),
          "benign sources": prob(sources), "synthetic": prob(synthetic)}
     kid_sm = kid(emb_syn, emb_malignant, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -107,11 +108,24 @@ def load_keras(path: str | Path) -> Any:
 
 # --------------------------------------------------------------------------- ImageNet weight files
 def keras_home() -> Path:
-    """Where Keras caches downloads: $KERAS_HOME, else ~/.keras (or /tmp/.keras if ~ is read-only), as Keras does."""
-    if "KERAS_HOME" in os.environ:
-        return Path(os.environ["KERAS_HOME"])
-    base = Path(os.path.expanduser("~"))
-    return (base if os.access(base, os.W_OK) else Path("/tmp")) / ".keras"
+    """Where Keras looks for downloads: the dir Keras fixed when it was imported ($KERAS_HOME, else ~/.keras),
+    or /tmp/.keras when that is not writable, exactly as keras.utils.get_file decides."""
+    home = None
+    if "keras" in sys.modules:  # Keras reads KERAS_HOME once, at import; later changes do not count
+        try:
+            from keras.src.backend.config import keras_home as _keras_home
+
+            home = _keras_home()
+        except ImportError:  # private module moved: fall back to the documented rule
+            home = None
+    if home is None:
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    base = Path(os.path.expanduser(home))
+    try:
+        base.mkdir(parents=True, exist_ok=True)  # get_file falls back to /tmp when the dir does not exist yet
+    except OSError:
+        pass
+    return base if os.access(base, os.W_OK) else Path("/tmp/.keras")
 
 
 def weights_filename(arch: str, alpha: float = 1.0, size: int = 224) -> str:
@@ -220,7 +234,7 @@ def build_transfer(arch: str, image_size: int, *, input_size: int | None = None,
         raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
     ctor_name, mode = BACKBONES[arch]
     size = input_size or image_size
-    if weights == "imagenet":
+    if weights == "imagenet":  # keras is imported above, so keras_home() is the dir Keras will search
         filename = weights_filename(arch, alpha, size)
         if ensure_weights(filename) is None and not download:
             raise WeightsMissingError(_missing_weights_message(filename, arch))

@@ -7,6 +7,8 @@ data/augment with the index train reads. Nothing here trains unless a test asks 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ import pandas as pd
 import pytest
 
 from tasks.config import Params, load_params
+
+# Keras reads KERAS_HOME once, at import: weight files seeded by tests land in a temp dir, not ~/.keras.
+os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="lf-keras-"))
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "params" / "tiny.yaml"

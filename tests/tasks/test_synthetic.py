@@ -109,7 +109,8 @@ def test_metadata_is_an_isic_cli_table_with_current_api_vocabularies(synth):
     for _, row in meta.dropna(subset=["diagnosis_1"]).iterrows():
         allowed = hierarchy[row["diagnosis_1"]]
         assert row["diagnosis_2"] in {d2 for d2, _, _ in allowed}
-        assert pd.isna(row["diagnosis_3"]) or (row["diagnosis_2"], row["diagnosis_3"]) in {(d2, d3) for d2, d3, _ in allowed}
+        pairs = {(d2, d3) for d2, d3, _ in allowed}
+        assert pd.isna(row["diagnosis_3"]) or (row["diagnosis_2"], row["diagnosis_3"]) in pairs
         assert row["diagnosis_confirm_type"] in {"histopathology", "serial imaging showing no change",
                                                  "single image expert consensus"}
     # The project's own label mapping reads it as intended.
@@ -257,40 +258,40 @@ def test_malignant_fraction_is_honoured(synth, tmp_path):
 
 
 def _simple_features(path: Path) -> list[float]:
-    """Colour histogram + dark-area share inside the central disc (the vignette ring stays outside)."""
+    """Coarse HSV histograms + dark-area share inside the central disc (the vignette ring stays outside)."""
     img = cv2.resize(_decode(path), (64, 64), interpolation=cv2.INTER_AREA)
     yy, xx = np.mgrid[:64, :64]
     disc = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 < (0.42 * 64) ** 2
     hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)[disc].astype(float)
     v = hsv[:, 2]
     feats: list[float] = []
-    for ch, bins, top in ((0, 12, 180), (1, 6, 256), (2, 6, 256)):
+    for ch, bins, top in ((0, 6, 180), (1, 4, 256), (2, 4, 256)):
         hist, _ = np.histogram(hsv[:, ch], bins=bins, range=(0, top))
         feats += list(hist / len(v))
-    return feats + [float((v < np.median(v) * f).mean()) for f in (0.5, 0.65, 0.8)]
+    skin = np.percentile(v, 95)  # the brightest part of the disc is skin, whatever the exposure
+    return feats + [float((v < skin * f).mean()) for f in (0.45, 0.6, 0.75)]
 
 
 def test_labels_are_learnable_but_not_trivially(tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     meta = generate(tmp_path / "learn", 200, seed=11, trouble=False)
     X = np.array([_simple_features(tmp_path / "learn" / f"{i}.jpg") for i in meta["isic_id"]])
     y = (meta["diagnosis_1"] == "Malignant").to_numpy().astype(int)
-    # Split by lesion so two photos of one lesion never sit on both sides.
-    lesions = meta["lesion_id"].unique()
-    rng = np.random.default_rng(0)
-    test_lesions = set(rng.choice(lesions, len(lesions) // 2, replace=False))
-    te = meta["lesion_id"].isin(test_lesions).to_numpy()
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=2000)).fit(X[~te], y[~te])
-    auc = roc_auc_score(y[te], clf.predict_proba(X[te])[:, 1])
+    # Out-of-fold scores, folds grouped by lesion so two photos of one lesion never sit on both sides
+    # (one 50/50 split of 200 images swings by +-0.1 AUC; 5 folds are stable).
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    cv = StratifiedGroupKFold(5, shuffle=True, random_state=0)
+    p = cross_val_predict(clf, X, y, groups=meta["lesion_id"], cv=cv, method="predict_proba")[:, 1]
+    auc = roc_auc_score(y, p)
     assert 0.75 < auc < 0.999, auc
-    # And no single trivial cue gives it away: the dark-area share alone is informative but weaker.
+    # The dark-area share alone (size and darkness, D and C) is informative but does not give it away.
     dark_auc = roc_auc_score(y, X[:, -1])
-    assert 0.55 < dark_auc < 0.95, dark_auc
+    assert 0.6 < dark_auc < 0.95, dark_auc
 
 
 # --------------------------------------------------------------------------- reruns and the CLI
