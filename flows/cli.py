@@ -68,9 +68,10 @@ def cmd_isic_server(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- orchestration (flows/*.py)
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import PipelineError, format_results, pipeline_flow
+    from flows.pipeline import PipelineError, format_results, pipeline_flow, plan
 
     try:
+        plan(Path(args.root), args.stages or None)  # config errors surface before Prefect starts its engine
         results = pipeline_flow(root=args.root, params=args.params, executor=args.executor,
                                 stages=args.stages or None, force=args.force)
     except PipelineError as exc:

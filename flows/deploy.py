@@ -26,17 +26,23 @@ def schedules(cfg: Nightly) -> list[Any]:
 
 def build_deployments(root: Path, cfg: Nightly, config: str = NIGHTLY_FILE) -> list[Any]:
     """RunnerDeployments for `serve` (no server needed to build them, so tests can check the schedule)."""
+    from prefect.deployments.runner import EntrypointType
+
     from flows.nightly import nightly_flow
     from flows.pipeline import pipeline_flow
 
+    # Module entrypoints (flows.nightly.nightly_flow): the installed package is found from any working directory,
+    # where a file entrypoint is relative to wherever `lesionflow deploy` was started.
+    module = EntrypointType.MODULE_PATH
     root_s = str(root.resolve())
     nightly = nightly_flow.to_deployment(
         name="nightly", schedules=schedules(cfg), parameters={"root": root_s, "config": config},
         tags=["lesionflow", "nightly"], concurrency_limit=1,  # two nightlies would fight over the DVC lock
-        description=f"Retrain and gate the champion; cron {cfg.cron!r} in {cfg.timezone}.")
+        description=f"Retrain and gate the champion; cron {cfg.cron!r} in {cfg.timezone}.", entrypoint_type=module)
     pipeline = pipeline_flow.to_deployment(
         name="pipeline", parameters={"root": root_s, "executor": "dvc"}, tags=["lesionflow"],
-        description="Reproduce the dvc.yaml stages (DVC skips what is up to date). Trigger on demand.")
+        description="Reproduce the dvc.yaml stages (DVC skips what is up to date). Trigger on demand.",
+        entrypoint_type=module)
     return [nightly, pipeline]
 
 
@@ -84,7 +90,7 @@ def deploy_to_pool(root: Path, pool: str, config: str = NIGHTLY_FILE, gpu_limit:
     ids = []
     for entry, name, kw in (
         ("flows/nightly.py:nightly_flow", "nightly",
-         {"schedules": schedules(cfg), "parameters": {"root": root_s, "config": config}}),
+         {"schedules": schedules(cfg), "parameters": {"root": root_s, "config": config}, "concurrency_limit": 1}),
         ("flows/pipeline.py:pipeline_flow", "pipeline", {"parameters": {"root": root_s, "executor": "dvc"}}),
     ):
         f = prefect_flow.from_source(source=root_s, entrypoint=entry)

@@ -159,13 +159,15 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None, ma
 
 # --------------------------------------------------------------------------- versions and logs
 def data_version(root: Path) -> dict[str, Any]:
-    """What data the decision saw: dvc.lock's sha256 and the md5 of every stage output it records."""
+    """What data the decision saw: dvc.lock's sha256 and the md5 of every data/model output it records
+    (reports/ metrics and plots left out: they describe the data, they are not it)."""
     lock = root / "dvc.lock"
     if not lock.exists():
         return {"dvc_lock_sha256": None, "outs": {}}
     text = lock.read_bytes()
     doc = yaml.safe_load(text) or {}
-    outs = {o["path"]: o.get("md5") for st in (doc.get("stages") or {}).values() for o in st.get("outs", [])}
+    outs = {o["path"]: o.get("md5") for st in (doc.get("stages") or {}).values() for o in st.get("outs", [])
+            if not o["path"].startswith("reports/")}
     return {"dvc_lock_sha256": hashlib.sha256(text).hexdigest()[:16], "outs": outs}
 
 

@@ -91,9 +91,26 @@ def dvc_command(stage: str, force: bool = False) -> list[str]:
     return cmd + ["--force"] if force else cmd
 
 
-def subprocess_env() -> dict[str, str]:
+# Env var naming the pipeline execution a stage runs in (the root Prefect flow run), so tracking code can tag
+# every MLflow run of one execution alike and the UI can group them (tasks.tracking reads it, if it wants).
+RUN_ENV = "LESIONFLOW_PIPELINE_RUN"
+
+
+def pipeline_run_id() -> str | None:
+    """The root Prefect flow run id (a nightly's subflows share it), or None outside a flow run."""
+    try:
+        from prefect.runtime import flow_run
+
+        run = flow_run.root_flow_run_id or flow_run.id
+    except Exception:
+        return None
+    return str(run) if run else None
+
+
+def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Env for stage subprocesses: the venv's bin first (dvc.yaml calls `lesionflow`), unbuffered output."""
     env = dict(os.environ)
+    env.update(extra or {})
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"  # child prints reach the Prefect log as they happen, not at exit
@@ -101,10 +118,11 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def stream(cmd: Sequence[str], cwd: Path, emit: Callable[[str], None], tail: int = 40) -> tuple[int, list[str]]:
+def stream(cmd: Sequence[str], cwd: Path, emit: Callable[[str], None], tail: int = 40,
+           env: Mapping[str, str] | None = None) -> tuple[int, list[str]]:
     """Run `cmd`, passing each output line (stdout+stderr) to `emit`; return (exit code, last `tail` lines)."""
     last: deque[str] = deque(maxlen=tail)
-    with subprocess.Popen(list(cmd), cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
+    with subprocess.Popen(list(cmd), cwd=cwd, env=subprocess_env(env), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -135,7 +153,8 @@ def execute_dvc(stage: str, root: Path, force: bool, emit: Callable[[str], None]
         emit(line)
 
     t0 = time.perf_counter()
-    rc, last = stream(dvc_command(stage, force), root, watch)
+    run_id = pipeline_run_id()
+    rc, last = stream(dvc_command(stage, force), root, watch, env={RUN_ENV: run_id} if run_id else None)
     seconds = round(time.perf_counter() - t0, 2)
     if rc != 0:
         raise PipelineError(f"stage {stage!r}: `dvc repro --single-item {stage}` exited {rc}; last output:\n"

@@ -82,7 +82,7 @@ class Ingest(Strict):
 class Dedupe(Strict):
     """Exact + near-duplicate detection (tasks/dedupe.py); README 'Dedupe' explains each knob."""
 
-    phash_max_distance: int = Field(default=40, ge=0, le=256)  # candidate radius on the 256-bit pHash
+    phash_max_distance: int = Field(default=64, ge=0, le=256)  # candidate radius on the 256-bit pHash
     verify_corr_min: float = Field(default=0.95, ge=-1.0, le=1.0)  # grey-thumbnail correlation (aligned)
     verify_detail_min: float = Field(default=0.95, ge=-1.0, le=1.0)  # band-pass (detail) correlation
     thumb_size: int = Field(default=64, ge=16, le=256)  # verification thumbnail side, px
@@ -280,7 +280,7 @@ class Train(Strict):
     threads: int = Field(default=0, ge=0)  # TF intra/inter-op threads; 0 = TF default
     deterministic: bool = True  # op determinism (bit-identical reruns on CPU)
     download_weights: bool = False  # let Keras fetch ImageNet weights (network!); dvc repro keeps it off
-    members: list[Member] = Field(default_factory=lambda: [Member()], min_length=1)
+    members: list[Member] = Field(default_factory=lambda: [Member(name="cnn")], min_length=1)
 
     @model_validator(mode="after")
     def _unique_members(self) -> "Train":

@@ -165,9 +165,9 @@ def train(cfg: Cyclegan, images_a: np.ndarray, images_b: np.ndarray, ckpt_dir: P
     With `ckpt_dir`, saves a checkpoint plus the loss history after every epoch and resumes from the latest one
     when `cfg.resume` and the fingerprint (architecture, optimiser, seed, data) match; otherwise starts fresh.
     """
+    tf = import_tf(cfg.deterministic)  # first: the oneDNN switch only counts before TensorFlow loads
     import keras
 
-    tf = import_tf(cfg.deterministic)
     from tasks.models.cyclegan import CycleGan, linear_decay_lr, to_unit
 
     if len(images_a) == 0 or len(images_b) == 0:

@@ -8,7 +8,7 @@ Small API for the stages and the nightly flow:
 `tracking_uri(root)`, `start_run(root, ...)`, `register(model_uri, name, tags) -> version`,
 `get_alias(name, alias) -> version | None`, `set_alias(name, alias, version)`,
 `set_version_tags(name, version, tags)`, `current_version(name, root)`, `download_model(uri, root)`,
-`log_evaluation(...)` (evaluate's run).
+`log_keras_model(model, name, input_example, custom_objects) -> model_uri` (cyclegan), `log_evaluation(...)`.
 The logged model is a pyfunc (`LesionflowModel`) wrapping the Keras model + its stored preprocessing: input a
 DataFrame with `path` (image files) or `image` (encoded bytes; base64 in JSON), optional age_approx / sex /
 anatom_site_1; output probability_malignant, prediction (stored operating point), error.
@@ -230,8 +230,8 @@ class LesionflowModel(mlflow.pyfunc.PythonModel):
 
         self.bundle = Bundle.from_files(context.artifacts["model"], context.artifacts["config"])
 
-    # No type hints on predict: MLflow would read them as a (list-of-rows) input schema; the signature rules.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # A DataFrame hint: MLflow infers no schema from it (the explicit signature rules) and does not warn.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return self.bundle.predict_frame(df.reset_index(drop=True))
 
@@ -270,15 +270,27 @@ def log_pyfunc(model_dir: Path, example_image: bytes | None = None, name: str = 
     from tasks.train import CONFIG_FILE, MODEL_FILE
 
     example = pd.DataFrame({"image": [example_image]}) if example_image else None
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=LesionflowModel(),
-        artifacts={"model": str(model_dir / MODEL_FILE), "config": str(model_dir / CONFIG_FILE)},
-        code_paths=[str(Path(__file__).resolve().parent)],
-        signature=signature(),
-        input_example=example,
-        pip_requirements=pip_requirements(),
-    )
+    with warnings.catch_warnings():  # "add type hints to predict": the explicit signature is the schema here
+        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=LesionflowModel(),
+            artifacts={"model": str(model_dir / MODEL_FILE), "config": str(model_dir / CONFIG_FILE)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=signature(),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )
+
+
+def log_keras_model(model: Any, name: str = "model", input_example: Any = None,
+                    custom_objects: dict[str, Any] | None = None) -> str:
+    """Log a bare Keras model (mlflow.tensorflow flavour, pinned requirements) in the active run; its URI."""
+    import mlflow.tensorflow
+
+    info = mlflow.tensorflow.log_model(model, name=name, input_example=input_example,
+                                       custom_objects=custom_objects, pip_requirements=pip_requirements())
+    return info.model_uri
 
 
 # --------------------------------------------------------------------------- evaluate's run
@@ -361,7 +373,9 @@ def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports:
 
 def serve(model_uri: str, root: Path | str, host: str = "127.0.0.1", port: int = 5001) -> int:
     """`mlflow models serve` for a URI of the project's store (env-manager local: this environment)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # mlflow execs `uvicorn` through bash: the venv's bin/ must be on PATH even when the venv is not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": path}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
            "-h", host, "-p", str(port)]
     return subprocess.call(cmd, env=env)

@@ -37,9 +37,10 @@ from tasks.config import Member, Params, Train
 from tasks.io import Paths, atomic_path, read_index, write_json, write_table
 
 STAGE = "train"
-# The stage whose index train reads. An `upsample` stage (synthetic malignant images, flagged `synthetic`)
-# will be inserted before train: then this becomes "upsample" and nothing else changes.
-INPUT_STAGE = "augment"
+# The stage whose index train (and evaluate) read: the last data stage before train. `upsample` passes every
+# augment row through (offline copies flagged `augmented_from`) and adds synthetic malignant train images
+# flagged `synthetic`. Were that stage dropped from dvc.yaml, this one name becomes "augment" again.
+INPUT_STAGE = "upsample"
 MODEL_FILE = "classifier.keras"
 CONFIG_FILE = "classifier.json"
 CONFIG_FORMAT = 1

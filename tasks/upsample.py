@@ -1,6 +1,6 @@
 """Stage `upsample`: synthetic malignant TRAIN images from benign TRAIN images via the CycleGAN generator.
 
-Reads data/preprocess/index.parquet and models/cyclegan/generator_b2m.keras; writes data/upsample/{images/,
+Reads data/augment/index.parquet and models/cyclegan/generator_b2m.keras; writes data/upsample/{images/,
 index.parquet} (every input row with synthetic=False, plus the synthetic rows) and reports/upsample/{metrics.json,
 quality.png, samples.png}. Synthetic rows never enter val/test and never come from val/test images.
 """
@@ -119,6 +119,10 @@ def combine(index: pd.DataFrame, synthetic: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+class LeakError(RuntimeError):
+    """A synthetic row would reach val/test, come from a non-benign-train image, or leave its source's group."""
+
+
 def check_no_leak(out: pd.DataFrame, index: pd.DataFrame) -> None:
     """Raise if a synthetic row is outside train, or was made from anything but a real benign train image."""
     syn = out.loc[out["synthetic"]]
@@ -126,19 +130,19 @@ def check_no_leak(out: pd.DataFrame, index: pd.DataFrame) -> None:
         return
     bad_split = syn.loc[syn["split"] != "train", KEY]
     if len(bad_split):
-        raise AssertionError(f"synthetic rows outside the train split: {bad_split.head().to_dict('records')}")
+        raise LeakError(f"synthetic rows outside the train split: {bad_split.head().to_dict('records')}")
     allowed = train_domains(index)[0][KEY].astype(str)
     allowed_keys = set(zip(allowed["source"], allowed["isic_id"]))
     src = list(zip(syn["source_source"].astype(str), syn["source_isic_id"].astype(str)))
     bad = [k for k in src if k not in allowed_keys]
     if bad:
-        raise AssertionError(f"synthetic rows made from images that are not benign train images: {bad[:5]}")
+        raise LeakError(f"synthetic rows made from images that are not benign train images: {bad[:5]}")
     groups = index.set_index(KEY)["group_id"] if "group_id" in index.columns else None
     if groups is not None:
         want = groups.reindex(pd.MultiIndex.from_tuples(
             list(zip(syn["source_source"], syn["source_isic_id"])))).to_numpy()
         if not np.array_equal(want.astype(str), syn["group_id"].astype(str).to_numpy()):
-            raise AssertionError("synthetic rows must keep the group_id of their source image")
+            raise LeakError("synthetic rows must keep the group_id of their source image")
 
 
 # --------------------------------------------------------------------------- images
@@ -346,7 +350,7 @@ def run(params: Params, paths: Paths) -> dict:
     for col in ("synthetic", "source_isic_id", "source_source"):
         if col in index.columns:
             raise ValueError(f"{paths.index(INPUT_STAGE)}: already has column {col!r}; upsample reads the "
-                             f"preprocess output, not its own")
+                             f"{INPUT_STAGE} output, not its own")
     benign, malignant = train_domains(index, str(paths.index(INPUT_STAGE)))
     k = n_to_generate(len(malignant), len(benign), cfg.target_ratio)
     out_dir, report_dir = paths.stage(STAGE), paths.reports / STAGE

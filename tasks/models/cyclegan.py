@@ -231,10 +231,13 @@ class CycleGan:
         self.g_opt.build(self.g_vars)
         self.d_opt.build(self.d_vars)
         pool = max(cfg.pool_size, 1)
-        self.pool_a = tf.Variable(tf.zeros((pool, s, s, 3)), trainable=False, name="pool_a")
-        self.pool_b = tf.Variable(tf.zeros((pool, s, s, 3)), trainable=False, name="pool_b")
-        self.pool_a_count = tf.Variable(0, dtype=tf.int32, trainable=False, name="pool_a_count")
-        self.pool_b_count = tf.Variable(0, dtype=tf.int32, trainable=False, name="pool_b_count")
+        # The pools live on the CPU: a few small copies per step, and their scatter/gather never meet a GPU kernel
+        # without a deterministic implementation.
+        with tf.device("/CPU:0"):
+            self.pool_a = tf.Variable(tf.zeros((pool, s, s, 3)), trainable=False, name="pool_a")
+            self.pool_b = tf.Variable(tf.zeros((pool, s, s, 3)), trainable=False, name="pool_b")
+            self.pool_a_count = tf.Variable(0, dtype=tf.int32, trainable=False, name="pool_a_count")
+            self.pool_b_count = tf.Variable(0, dtype=tf.int32, trainable=False, name="pool_b_count")
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self._train_step = tf.function(self._step_impl, reduce_retracing=True)
 
@@ -256,6 +259,13 @@ class CycleGan:
 
         if self.cfg.pool_size <= 0:
             return fakes
+        with tf.device("/CPU:0"):
+            return self._query_pool_cpu(pool, count, fakes, coins, slots)
+
+    @staticmethod
+    def _query_pool_cpu(pool: Any, count: Any, fakes: Any, coins: Any, slots: Any) -> Any:
+        import tensorflow as tf
+
         size = tf.shape(pool)[0]
         n = tf.shape(fakes)[0]
         full = count >= size

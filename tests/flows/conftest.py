@@ -49,7 +49,7 @@ def write_dvc_yaml(root: Path, names: list[str], cmd: Callable[[str], str] = lam
 # A real, runnable two-stage DVC project: `ingest` copies new files from src/ (incremental, like the real one;
 # persist: true), `train` summarises data/ingest into a "model". FAIL_<STAGE> files make a stage fail.
 TOY_STAGE_PY = r'''
-import json, pathlib, shutil, sys, yaml
+import json, os, pathlib, shutil, sys, yaml
 name = sys.argv[1]
 if pathlib.Path(f"FAIL_{name}").exists():
     print(f"{name}: injected failure", flush=True)
@@ -65,6 +65,7 @@ if name == "ingest":
     for f in new:
         shutil.copy(f, out / f.name)
     print(f"ingest: {len(new)} new file(s)", flush=True)
+    print(f"pipeline run: {os.environ.get('LESIONFLOW_PIPELINE_RUN')}", flush=True)
     metrics = {"new": len(new)}
 else:
     n = len(list(pathlib.Path("data/ingest").iterdir()))

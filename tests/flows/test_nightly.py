@@ -120,7 +120,7 @@ def test_data_version_reads_dvc_lock_md5s(tmp_path):
                                        {"path": "reports/train/metrics.json", "md5": "123"}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     v = nightly.data_version(tmp_path)
-    assert v["outs"] == {"data/split": "abc.dir", "models/train": "def.dir", "reports/train/metrics.json": "123"}
+    assert v["outs"] == {"data/split": "abc.dir", "models/train": "def.dir"}  # metrics describe data, aren't data
     assert len(v["dvc_lock_sha256"]) == 16
 
 
@@ -198,6 +198,7 @@ def test_nightly_noop_when_nothing_changed(prefect_harness, toy, fake):
     assert line["verdict"] == "noop" and line["data_version"]["outs"]["data/train"].endswith(".dir")
 
 
+@pytest.mark.slow  # the full retrain path (~10 s); the gate itself is covered fast above with the fake registry
 def test_nightly_new_image_retrains_promotes_and_commits_lock(prefect_harness, toy, fake):
     (toy / "src" / "img2.txt").write_text("a new image\n")
     (toy / "nightly.yaml").write_text("margin: 0.05\ncommit_lock: true\n")

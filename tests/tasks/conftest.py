@@ -2,7 +2,7 @@
 
 Benign lesions are small dark discs, malignant ones large irregular two-tone blobs; raw images are written
 under data/ingest, processed ones (tasks.preprocess.process_image, params/tiny.yaml: 32 px) under
-data/augment with the index train reads. Nothing here trains unless a test asks for `lf_trained`.
+data/<INPUT_STAGE>/ with the index train reads. Nothing here trains unless a test asks for `lf_trained`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def build_tiny_project(root: Path, params: Params, seed: int = 0, splits: dict[s
 
     from tasks.io import Paths, write_index
     from tasks.preprocess import encode_png, process_image
+    from tasks.train import INPUT_STAGE
 
     paths = Paths(root)
     rng = np.random.default_rng(seed)
@@ -61,7 +62,7 @@ def build_tiny_project(root: Path, params: Params, seed: int = 0, splits: dict[s
             raw_rel = f"data/ingest/images/{isic_id}.png"
             (root / raw_rel).parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(root / raw_rel), cv2.cvtColor(raw, cv2.COLOR_RGB2BGR))
-            proc_rel = f"data/augment/images/{isic_id}.png"
+            proc_rel = f"data/{INPUT_STAGE}/images/{isic_id}.png"
             (root / proc_rel).parent.mkdir(parents=True, exist_ok=True)
             (root / proc_rel).write_bytes(encode_png(process_image(raw, params.preprocess)))
             rows.append({"source": "synthetic" if j % 3 else "other", "isic_id": isic_id, "path": raw_rel,
@@ -69,11 +70,11 @@ def build_tiny_project(root: Path, params: Params, seed: int = 0, splits: dict[s
                          "label": "malignant" if target else "benign",
                          "age_approx": float(30 + 5 * (j % 9)) if j % 7 else np.nan,
                          "sex": ["male", "female", None][j % 3], "anatom_site_1": sites[j % 4],
-                         "augmented_from": None})
+                         "augmented_from": None, "synthetic": False})
             i += 1
     df = pd.DataFrame(rows)
     df["augmented_from"] = df["augmented_from"].astype("string")
-    write_index(df, paths, "augment")
+    write_index(df, paths, INPUT_STAGE)
     return root
 
 

@@ -229,9 +229,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 def test_train_refuses_a_split_without_malignant_images(lf_tiny_project: Path, lf_tiny_params: Params) -> None:
     paths = Paths(lf_tiny_project)
-    idx = pd.read_parquet(paths.index("augment"))
+    idx = pd.read_parquet(paths.index(train.INPUT_STAGE))
     idx.loc[idx["split"] == "val", "target"] = 0
-    idx.to_parquet(paths.index("augment"))
+    idx.to_parquet(paths.index(train.INPUT_STAGE))
     with pytest.raises(ValueError, match="split 'val' needs benign and malignant"):
         train.run(lf_tiny_params, paths)
 

@@ -111,15 +111,15 @@ def test_synthetic_rows_keep_group_and_metadata_and_clear_source_labels():
 
 def test_leak_guard_rejects_val_or_test_sources_and_non_train_rows():
     index = _index()
-    with pytest.raises(AssertionError, match="not benign train"):
+    with pytest.raises(up.LeakError, match="not benign train"):
         up.check_no_leak(up.combine(index, _synthetic_from(index, ["c"])), index)  # made from a val image
-    with pytest.raises(AssertionError, match="not benign train"):
+    with pytest.raises(up.LeakError, match="not benign train"):
         up.check_no_leak(up.combine(index, _synthetic_from(index, ["b"])), index)  # from a malignant image
     moved = _synthetic_from(index, ["a"]).assign(split="test")
-    with pytest.raises(AssertionError, match="outside the train split"):
+    with pytest.raises(up.LeakError, match="outside the train split"):
         up.check_no_leak(up.combine(index, moved), index)
     regrouped = _synthetic_from(index, ["a"]).assign(group_id="g4")
-    with pytest.raises(AssertionError, match="group_id"):
+    with pytest.raises(up.LeakError, match="group_id"):
         up.check_no_leak(up.combine(index, regrouped), index)
 
 
@@ -195,6 +195,8 @@ def test_stage_upsamples_train_only_from_benign_train_images(project: Path):
     up.run(params(target_ratio=0.5), paths)
     again = read_index(paths, "upsample")
     pd.testing.assert_frame_equal(again, index)
+    assert all(hashlib.sha256((project / r).read_bytes()).hexdigest() == h
+               for r, h in zip(syn["processed_path"], syn["sha256"]))  # rewritten, not pruned
 
 
 def test_ratio_zero_passes_everything_through_without_a_generator(project: Path):
