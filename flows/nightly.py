@@ -361,7 +361,7 @@ def apply(reg: ModelRegistry, cfg: Nightly, rec: dict[str, Any], root: Path) -> 
     rec = dict(rec)
     version = (rec.get("challenger") or {}).get("version")
     try:
-        if version is not None:
+        if version is not None and rec["verdict"] != "same":  # keep the champion's own promotion tags
             reg.tag(version, decision_tags(rec))
         if rec["promote"]:
             reg.set_champion(version)

@@ -24,9 +24,11 @@ import pandas as pd
 
 from tasks.config import Evaluate, Params
 from tasks.io import Paths, read_index, write_json, write_table
+# The operating-point helpers live with train (which picks the threshold) so train's code deps stay small.
+from tasks.train import as_arrays, binary_metrics, round_floats, threshold_for_sensitivity
 
 STAGE = "evaluate"
-SUBGROUPS = ("source", "sex", "age_band", "site")
+SUBGROUPS = ("source", "dataset", "sex", "age_band", "site")  # dataset: `source_dataset` when the metadata has it
 
 
 def log(msg: str) -> None:
@@ -34,48 +36,9 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- pure scoring
-def _arrays(probabilities: Sequence[float], targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    y = np.asarray(targets).astype(int).reshape(-1)
-    if p.shape != y.shape:
-        raise ValueError(f"{len(p)} probabilities for {len(y)} targets")
-    if np.isnan(p).any():
-        raise ValueError("probabilities contain NaN (drop the rows that failed to load first)")
-    return p, y
-
-
-def threshold_for_sensitivity(probabilities: Sequence[float], targets: Sequence[int], target: float = 0.90) -> float:
-    """The largest threshold t such that predicting malignant for p >= t reaches `target` sensitivity."""
-    p, y = _arrays(probabilities, targets)
-    pos = np.sort(p[y == 1])[::-1]
-    if len(pos) == 0:
-        raise ValueError("no malignant cases: the operating point needs at least one")
-    k = max(1, math.ceil(target * len(pos) - 1e-9))
-    return float(pos[k - 1])
-
-
-def binary_metrics(probabilities: Sequence[float], targets: Sequence[int], threshold: float) -> dict[str, Any]:
-    """Confusion counts and rates when `p >= threshold` means malignant (None where undefined)."""
-    p, y = _arrays(probabilities, targets)
-    pred = p >= threshold
-    tp = int(np.sum(pred & (y == 1)))
-    fp = int(np.sum(pred & (y == 0)))
-    tn = int(np.sum(~pred & (y == 0)))
-    fn = int(np.sum(~pred & (y == 1)))
-
-    def ratio(a: int, b: int) -> float | None:
-        return a / b if b else None
-
-    sens, spec, prec = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
-    f1 = 2 * prec * sens / (prec + sens) if prec and sens else (0.0 if prec is not None and sens is not None else None)
-    bal = (sens + spec) / 2 if sens is not None and spec is not None else None
-    return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": sens,
-            "specificity": spec, "precision": prec, "f1": f1, "balanced_accuracy": bal}
-
-
 def roc_auc(probabilities: Sequence[float], targets: Sequence[int]) -> float | None:
     """ROC AUC by ranks (ties averaged; None with a single class)."""
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     return _auc_rows(p[None, :], y[None, :])[0]
 
 
@@ -96,7 +59,7 @@ def _auc_rows(p: np.ndarray, y: np.ndarray) -> list[float | None]:
 def auc_ci(probabilities: Sequence[float], targets: Sequence[int], n_bootstrap: int = 1000, ci: float = 0.95,
            seed: int = 0) -> tuple[float | None, float | None]:
     """Percentile bootstrap CI of the ROC AUC (resamples with one class only are skipped)."""
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     if n_bootstrap <= 0 or len(set(y.tolist())) < 2:
         return None, None
     rng = np.random.default_rng(seed)
@@ -112,7 +75,7 @@ def auc_ci(probabilities: Sequence[float], targets: Sequence[int], n_bootstrap: 
 
 def calibration_table(probabilities: Sequence[float], targets: Sequence[int], bins: int = 10) -> pd.DataFrame:
     """Equal-width probability bins: count, mean predicted, observed malignant fraction."""
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(p, edges[1:-1], right=False), 0, bins - 1)
     rows = []
@@ -138,7 +101,7 @@ def score(probabilities: Sequence[float], targets: Sequence[int], *, threshold: 
     """All headline metrics of one set of predictions; `threshold` is the model's stored operating point."""
     from sklearn.metrics import average_precision_score
 
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     both = len(set(y.tolist())) == 2
     lo, hi = auc_ci(p, y, n_bootstrap, ci, seed)
     out: dict[str, Any] = {
@@ -166,22 +129,25 @@ def age_band(age: pd.Series, edges: Sequence[float]) -> pd.Series:
 
 
 def subgroup_frame(df: pd.DataFrame, edges: Sequence[float]) -> pd.DataFrame:
-    """source, sex, age_band and site per row (normalised text, 'unknown' when missing)."""
+    """source, [dataset], sex, age_band and site per row (normalised text, 'unknown' when missing)."""
     from tasks.train import site_of
 
     sex = df["sex"].astype("string").str.strip().str.lower() if "sex" in df else pd.Series(pd.NA, index=df.index)
-    return pd.DataFrame({
+    groups = pd.DataFrame({
         "source": df["source"].astype(str),
         "sex": sex.where(sex.isin(["male", "female"]), "unknown").fillna("unknown").astype(str),
         "age_band": age_band(df["age_approx"] if "age_approx" in df else pd.Series(np.nan, index=df.index), edges),
         "site": site_of(df),
     }, index=df.index)
+    if "source_dataset" in df:  # e.g. HAM10000 vs ISIC 2017 inside one ingest source: where does the model fail?
+        groups.insert(1, "dataset", df["source_dataset"].astype("string").fillna("unknown").astype(str))
+    return groups
 
 
 def subgroup_table(groups: pd.DataFrame, probabilities: Sequence[float], targets: Sequence[int],
                    threshold: float) -> pd.DataFrame:
     """One row per (kind, group): the headline metrics without bootstrap (n is reported: small groups are noisy)."""
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     rows = []
     for kind in SUBGROUPS:
         if kind not in groups:
@@ -203,7 +169,7 @@ def subgroup_table(groups: pd.DataFrame, probabilities: Sequence[float], targets
 def roc_points(probabilities: Sequence[float], targets: Sequence[int]) -> pd.DataFrame:
     from sklearn.metrics import roc_curve
 
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     fpr, tpr, thr = roc_curve(y, p)
     return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
 
@@ -211,14 +177,14 @@ def roc_points(probabilities: Sequence[float], targets: Sequence[int]) -> pd.Dat
 def pr_points(probabilities: Sequence[float], targets: Sequence[int]) -> pd.DataFrame:
     from sklearn.metrics import precision_recall_curve
 
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     precision, recall, _ = precision_recall_curve(y, p)
     return pd.DataFrame({"recall": recall, "precision": precision})
 
 
 def threshold_sweep(probabilities: Sequence[float], targets: Sequence[int], steps: int = 101) -> pd.DataFrame:
     """Metric-vs-threshold curves: sensitivity, specificity, precision, F1, balanced accuracy."""
-    p, y = _arrays(probabilities, targets)
+    p, y = as_arrays(probabilities, targets)
     rows = []
     for t in np.linspace(0, 1, steps):
         m = binary_metrics(p, y, float(t))
@@ -474,14 +440,3 @@ def run(params: Params, paths: Paths) -> dict:
         summary["mlflow"] = info
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
-
-
-def round_floats(obj: Any, digits: int = 6) -> Any:
-    """Floats in nested dicts/lists rounded, so reports read well and diff cleanly."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [round_floats(v, digits) for v in obj]
-    return obj

@@ -171,6 +171,46 @@ def encode_metadata(df: pd.DataFrame, spec: dict[str, Any]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- stacking and operating point
+def as_arrays(probabilities: Sequence[float], targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (float64) and 0/1 targets as flat arrays of equal length, no NaN."""
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    y = np.asarray(targets).astype(int).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"{len(p)} probabilities for {len(y)} targets")
+    if np.isnan(p).any():
+        raise ValueError("probabilities contain NaN (drop the rows that failed to load first)")
+    return p, y
+
+
+def threshold_for_sensitivity(probabilities: Sequence[float], targets: Sequence[int], target: float = 0.90) -> float:
+    """The largest threshold t such that predicting malignant for p >= t reaches `target` sensitivity."""
+    p, y = as_arrays(probabilities, targets)
+    pos = np.sort(p[y == 1])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no malignant cases: the operating point needs at least one")
+    k = max(1, math.ceil(target * len(pos) - 1e-9))
+    return float(pos[k - 1])
+
+
+def binary_metrics(probabilities: Sequence[float], targets: Sequence[int], threshold: float) -> dict[str, Any]:
+    """Confusion counts and rates when `p >= threshold` means malignant (None where undefined)."""
+    p, y = as_arrays(probabilities, targets)
+    pred = p >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    tn = int(np.sum(~pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    sens, spec, prec = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
+    f1 = 2 * prec * sens / (prec + sens) if prec and sens else (0.0 if prec is not None and sens is not None else None)
+    bal = (sens + spec) / 2 if sens is not None and spec is not None else None
+    return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": sens,
+            "specificity": spec, "precision": prec, "f1": f1, "balanced_accuracy": bal}
+
+
 def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
     return np.log(p / (1 - p))
@@ -188,6 +228,17 @@ def fit_stacker(member_logits: np.ndarray, targets: np.ndarray, mode: str = "sta
     lr = LogisticRegression(C=1.0, max_iter=1000)
     lr.fit(member_logits, np.asarray(targets).astype(int))
     return [float(c) for c in lr.coef_[0]], float(lr.intercept_[0])
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """Floats in nested dicts/lists rounded, so reports read well and diff cleanly."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [round_floats(v, digits) for v in obj]
+    return obj
 
 
 # --------------------------------------------------------------------------- images
@@ -514,8 +565,6 @@ def load_val_images(files: Sequence[str], size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the stage
 def run(params: Params, paths: Paths, *, augmenter_factory: Callable[[Any, int], Any] | None = None) -> dict:
     """Train every member, stack them on val, choose the operating point, write model + reports."""
-    from tasks.evaluate import binary_metrics, round_floats, threshold_for_sensitivity
-
     cfg = params.train
     t0 = time.perf_counter()
     index_path = paths.index(INPUT_STAGE)

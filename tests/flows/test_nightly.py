@@ -146,6 +146,14 @@ def test_worse_challenger_is_tagged_and_logged_but_champion_stays(tmp_path):
     assert reg.calls.count("score") == 2  # both scored (on the same split, by the same scorer)
 
 
+def test_rechecking_the_champion_keeps_its_promotion_tags(tmp_path):
+    reg = FakeRegistry(tmp_path, {"v1": {"auc": 0.8, "false_negatives": 3}}, champion="v1")
+    reg.tags["v1"] = {"promotion.verdict": "first"}
+    rec = nightly.apply(reg, Nightly(), nightly.judge(reg, Nightly(), tmp_path, "v1"), tmp_path)
+    assert rec["verdict"] == "same" and reg.alias == "v1" and reg.tags["v1"] == {"promotion.verdict": "first"}
+    assert reg.calls.count("score") == 1 and "set_champion" not in reg.calls
+
+
 def test_alias_failure_is_logged_and_champion_untouched(tmp_path):
     reg = FakeRegistry(tmp_path, {"v1": {"auc": 0.8, "false_negatives": 3}, "v2": {"auc": 0.9, "false_negatives": 1}},
                        champion="v1", fail_on="set_champion")

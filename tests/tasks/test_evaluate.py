@@ -79,6 +79,8 @@ def test_age_bands_and_subgroup_table() -> None:
     table = E.subgroup_table(g, [0.9, 0.2, 0.8, 0.3], [1, 0, 1, 0], threshold=0.5)
     by_kind = table.groupby("kind")["n"].sum()
     assert (by_kind == 4).all() and set(by_kind.index) == {"source", "sex", "age_band", "site"}
+    with_dataset = E.subgroup_frame(df.assign(source_dataset=["HAM", "HAM", None, "2017"]), [0, 200])
+    assert with_dataset["dataset"].tolist() == ["HAM", "HAM", "unknown", "2017"]
     row = table[(table["kind"] == "source") & (table["group"] == "a")].iloc[0]
     assert row["auc"] == 1.0 and row["sensitivity_at_op"] == 1.0 and row["fn_at_op"] == 0
 
