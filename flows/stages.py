@@ -31,6 +31,10 @@ STAGES: dict[str, Stage] = {
         Stage("split"),
         Stage("preprocess"),
         Stage("augment"),
+        Stage("cyclegan", tags=("gpu",)),
+        Stage("upsample"),
+        Stage("train", tags=("gpu",)),
+        Stage("evaluate", tags=("gpu",)),
     ]
 }
 

@@ -213,8 +213,7 @@ def _init_worker(setup: Callable[..., Any] | None, setup_args: tuple) -> None:
     # One OpenCV thread per process: the pool is the parallelism; nested threads only add contention.
     # Forked workers already inherit 1 (set in the parent); calling setNumThreads there again would tear
     # down an inherited thread pool whose threads do not exist in the child and hang in pthread_cond_destroy.
-    if cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
+    cv2.setNumThreads(1)
     _WORKER_STATE["ctx"] = setup(*setup_args) if setup is not None else None
 
 
@@ -251,7 +250,6 @@ def parallel_map(fn: Callable[[Any, Any], Any], items: Sequence[Any], workers: i
     # Shut OpenCV's own thread pool down in the parent before forking: a child inheriting a live pool
     # deadlocks on its first cv2.setNumThreads (measured: every run hung once the parent had used CLAHE).
     prev = cv2.getNumThreads()
-    cv2.setNumThreads(1)
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(setup, setup_args)) as pool:
             jobs = ((fn, it) for it in items)

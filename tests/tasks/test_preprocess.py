@@ -222,8 +222,11 @@ def _digests(paths: Paths) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.png")}
 
 
+@pytest.mark.timeout(60)
 def test_run_end_to_end_quarantines_bad_images_and_is_deterministic(tmp_path: Path) -> None:
     paths = _split_project(tmp_path)
+    # Warm OpenCV's thread pool in this (parent) process first: forked workers used to deadlock on it.
+    clahe_lab(np.zeros((512, 512, 3), np.uint8))
     params = _params(workers=2, hair_removal=True, color_constancy=True)
     summary = run(params, paths)
     assert summary["processed"] == 6 and summary["failed"] == 2
