@@ -19,7 +19,15 @@ import pandas as pd
 
 from tasks.config import Augment, Params
 from tasks.io import KEY, Paths, read_index, write_bytes, write_index, write_json, write_table
-from tasks.preprocess import decode, encode_png, image_relpath, parallel_map, prune_outputs, sample_grid
+from tasks.preprocess import (
+    decode,
+    encode_png,
+    image_relpath,
+    parallel_map,
+    prune_outputs,
+    sample_grid,
+    write_file_atomic,
+)
 
 STAGE = "augment"
 SAMPLE_AUGMENTATIONS = 8
@@ -121,7 +129,7 @@ def _copies_one(aug: Any, job: tuple[str, list[tuple[int, int, str]], int]) -> l
     for _k, seed, dst in copies:
         try:
             png = encode_png(augment_copy(aug, image, seed), compression)
-            write_bytes(dst, png)
+            write_file_atomic(dst, png)
             out.append((len(png), None))
         except Exception as exc:  # noqa: BLE001
             out.append((0, f"{type(exc).__name__}: {exc}"))
@@ -153,6 +161,8 @@ def run(params: Params, paths: Paths) -> dict:
     copies_df["processed_path"] = [image_relpath(STAGE, aug_source(s, int(k)), i) for s, i, k in keys]
     seeds = [copy_seed(cfg.seed, s, i, int(k)) for s, i, k in keys]
     dsts = [str(paths.abs(p)) for p in copies_df["processed_path"]]
+    for folder in {os.path.dirname(d) for d in dsts}:
+        os.makedirs(folder, exist_ok=True)
     jobs = [
         (str(paths.abs(src)), [(k, seeds[j * n_k + k], dsts[j * n_k + k]) for k in range(n_k)],
          params.preprocess.png_compression)

@@ -95,3 +95,12 @@ def test_cli_params_prints_validated(tmp_path):
     printed = yaml.safe_load(r.stdout)
     assert printed["split"]["seed"] == _params()["split"]["seed"]
     assert printed["ingest"]["sources"][0]["kind"] == "synthetic"
+
+
+@pytest.mark.parametrize("profile", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_profiles_are_complete(profile):
+    """`cp params/<profile>.yaml params.yaml && dvc repro` needs every stage section present in the file."""
+    from flows.stages import STAGES
+
+    missing = [s for s in STAGES if s not in yaml.safe_load(profile.read_text())]
+    assert not missing, f"{profile.name} lacks sections {missing}"

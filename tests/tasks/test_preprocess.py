@@ -287,3 +287,30 @@ def test_run_explains_a_missing_split_index(tmp_path: Path) -> None:
 def test_bad_preprocess_params_are_rejected_by_name(bad: dict, where: str) -> None:
     with pytest.raises(ParamsError, match=where):
         parse_params({"ingest": {"sources": [{"kind": "synthetic"}]}, "preprocess": bad})
+
+
+def test_prune_compares_normalised_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.preprocess import prune_outputs
+
+    (tmp_path / "images" / "ab").mkdir(parents=True)
+    for name in ("keep.png", "stale.png"):
+        (tmp_path / "images" / "ab" / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    # the kept file spelled with './' must survive a walk that yields 'images/ab/keep.png'
+    assert prune_outputs(Path("images"), {"./images/ab/keep.png"}) == 1
+    assert sorted(p.name for p in (tmp_path / "images" / "ab").iterdir()) == ["keep.png"]
+
+
+@pytest.mark.realdata
+def test_run_on_real_isic_images(tmp_path: Path, isic_real: Path) -> None:
+    files = sorted(isic_real.glob("*.jpg"))[:24]
+    paths = Paths(tmp_path)
+    paths.stage("split").mkdir(parents=True)
+    pd.DataFrame({"source": "isic-real", "isic_id": [f.stem for f in files], "path": [str(f) for f in files],
+                  "split": "train"}).to_parquet(paths.index("split"), index=False)
+    summary = run(_params(size=64, workers=2, hair_removal=True, color_constancy=True), paths)
+    assert summary["processed"] == len(files) and summary["failed"] == 0
+    idx = read_index(paths, "preprocess")
+    for rel in idx["processed_path"]:
+        img = decode(paths.abs(rel).read_bytes())
+        assert img.shape == (64, 64, 3) and img.std() > 5  # real content, not a blank canvas
