@@ -85,6 +85,9 @@ def start_run(root: Path | str, run_name: str | None = None, experiment: str = E
     exp_id = configure(root, experiment)
     git = git_state(Path(root))
     all_tags = {**{k: str(v) for k, v in git.items() if v is not None}, **(tags or {})}
+    # One pipeline execution (flows/pipeline.py sets this for every stage) = one group in the MLflow UI.
+    if os.environ.get("LESIONFLOW_PIPELINE_RUN"):
+        all_tags.setdefault("lesionflow.pipeline_run", os.environ["LESIONFLOW_PIPELINE_RUN"])
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=all_tags) as run:
         yield run
 
