@@ -53,7 +53,7 @@ FAMILIES = ["resize_jpeg", "squash_jpeg", "reencode_q30", "recolour", "crop2", "
 
 # --------------------------------------------------------------------------- planted transforms
 def plant(img: np.ndarray, family: str, rng: np.random.Generator) -> np.ndarray:
-    """One transformed copy of `img` (BGR uint8) for a transform family; ranges are stated in docs/dedupe.md."""
+    """One transformed copy of `img` (BGR uint8) for a transform family; ranges are stated in README."""
     import cv2
 
     def jpeg(x: np.ndarray, lo: int = 50, hi: int = 95) -> np.ndarray:

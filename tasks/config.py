@@ -122,7 +122,7 @@ class Split(Strict):
 
 
 class Preprocess(Strict):
-    """Resize + enhancement of every split image into data/preprocess (see docs/preprocess-augment.md)."""
+    """Resize + enhancement of every split image into data/preprocess (see README)."""
 
     size: int = Field(default=128, ge=16, le=1024)  # output side in px (square)
     aspect: Literal["pad", "crop"] = "pad"  # pad = letterbox the whole image; crop = centre square
@@ -171,7 +171,7 @@ class Augment(Strict):
 
 # --------------------------------------------------------------------------- cyclegan / upsample
 class Cyclegan(Strict):
-    """Benign->malignant CycleGAN on the train split (tasks/cyclegan.py, docs/cyclegan-upsample.md)."""
+    """Benign->malignant CycleGAN on the train split (tasks/cyclegan.py, README)."""
 
     seed: int = 0
     image_size: int = Field(default=32, ge=16, le=512)  # GAN resolution (multiple of 4); train images resized to it
@@ -248,7 +248,7 @@ class Member(Strict):
 
 
 class Train(Strict):
-    """Classifier training (tasks/train.py, docs/train-evaluate.md)."""
+    """Classifier training (tasks/train.py, README)."""
 
     seed: int = 0
     batch_size: int = Field(default=32, ge=1, le=4096)

@@ -83,7 +83,7 @@ def group_keys(df: pd.DataFrame, components: np.ndarray) -> pd.Series:
 
     isic_ids never change and the archive assigns them in upload order, so a new image joining a group
     (a new photo of a known patient/lesion) almost always has a larger id and leaves the key, hence the
-    split, unchanged. Caveats (docs/clean-split.md): a late arrival with a smaller id, or a merge of
+    split, unchanged. Caveats (README): a late arrival with a smaller id, or a merge of
     two old groups, re-keys the group, and the merged group takes the split of its smallest id.
     """
     ids = pd.Series(df["isic_id"].astype(str).to_numpy())
