@@ -132,6 +132,22 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_screen(args: argparse.Namespace) -> int:
+    from tasks.screen import screen_files
+
+    summary = screen_files(args.images, args.out, args.model, root=Path(args.root).resolve())
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_synth_widefield(args: argparse.Namespace) -> int:
+    from tasks.screen import synth_widefield
+
+    files = synth_widefield(args.out, args.n, args.seed)
+    print(json.dumps({"images": len(files), "out": str(args.out)}, indent=2))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict
 
@@ -220,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="CSV: isic_id, path, probability_malignant, prediction, error")
     s.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("screen", help="find lesions in wide-field photos, score them, rank the ugly duckling")
+    s.add_argument("images", nargs="+", help="wide-field photos")
+    s.add_argument("--out", required=True, help="folder for <stem>_screen.png (annotated) and <stem>_screen.csv")
+    s.add_argument("--model", default="models",
+                   help="models/ folder, .keras file or runs:/ models:/ URI; 'none' = ranks from hand-made features")
+    s.set_defaults(func=cmd_screen)
+
+    s = sub.add_parser("synth-widefield", help="write synthetic wide-field photos (one odd lesion) + truth JSON")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth_widefield)
 
     s = sub.add_parser("serve", help="REST scoring server for a registered model (mlflow models serve)")
     s.add_argument("--model", default="models:/lesionflow-classifier@champion")

@@ -35,6 +35,7 @@ STAGES: dict[str, Stage] = {
         Stage("upsample"),
         Stage("train", tags=("gpu",)),
         Stage("evaluate", tags=("gpu",)),
+        Stage("ugly_duckling"),
     ]
 }
 

@@ -314,6 +314,20 @@ class Evaluate(Strict):
         return v
 
 
+class UglyDuckling(Strict):
+    """Per-patient ugly-duckling ranking in the classifier's embedding space (tasks/ugly_duckling.py)."""
+
+    min_lesions: int = Field(default=3, ge=2)  # patients with fewer distinct lesions are not ranked
+    max_patients: int | None = Field(default=None, ge=1)  # seeded sample of patients (None = all)
+    model: str = ""  # "" = models/ of this project; else a path, runs:/ or models:/ URI
+    synthetic_patients: int = Field(default=20, ge=0)  # planted-odd-lesion check (0 = skip)
+    synthetic_lesions: int = Field(default=6, ge=3)  # lesions per synthetic patient (one of them odd)
+    tsne_perplexity: float = Field(default=30.0, gt=0)
+    seed: int = 0
+    mlflow: bool = True
+    experiment: str = "lesionflow"
+
+
 class Params(Strict):
     """The whole params.yaml: one section per dvc.yaml stage, named exactly like it."""
 
@@ -327,6 +341,7 @@ class Params(Strict):
     upsample: Upsample = Upsample()
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
+    ugly_duckling: UglyDuckling = UglyDuckling()
 
 
 class ParamsError(ValueError):
