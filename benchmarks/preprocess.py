@@ -86,6 +86,7 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also hair removal + colour constancy (default: CLAHE only)")
     args = ap.parse_args()
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     files = sorted(Path(args.data).glob("*.jpg"))[: args.n]
     if not files:
         raise SystemExit(f"no *.jpg under {args.data}")
@@ -98,6 +99,7 @@ def main() -> int:
     try:
         bare_dir = tmp / "bare"
         times: dict[str, list[float]] = {"bare_1": [], "stage_1": [], "stage_2": []}
+        cores_used: dict[str, list[float]] = {"stage_1": [], "stage_2": []}
         for rep in range(args.repeats):
             os.sched_setaffinity(0, {cores[0]})
             cv2.setNumThreads(1)
@@ -111,9 +113,15 @@ def main() -> int:
                 paths = _project(tmp / f"stage{workers}_{rep}", files)
                 params = parse_params({"ingest": {"sources": [{"kind": "synthetic"}]},
                                        "preprocess": {**pre, "workers": workers}})
-                t0 = time.perf_counter()
+                c0, t0 = os.times(), time.perf_counter()
                 summary = run(params, paths)
-                times[f"stage_{workers}"].append(time.perf_counter() - t0)
+                wall, c1 = time.perf_counter() - t0, os.times()
+                times[f"stage_{workers}"].append(wall)
+                # CPU seconds of this process + its pool workers over wall time = cores the run really got;
+                # well under `workers` means other jobs on the shared machine took the rest.
+                cpu = (c1.user + c1.system + c1.children_user + c1.children_system
+                       - c0.user - c0.system - c0.children_user - c0.children_system)
+                cores_used[f"stage_{workers}"].append(cpu / wall)
                 assert summary["processed"] == len(files), summary
         os.sched_setaffinity(0, set(cores))
         # Same work: every stage output equals the bare loop's output pixel for pixel.
@@ -126,6 +134,10 @@ def main() -> int:
             rows[name] = {"best_s": round(min(ts), 3), "median_s": round(statistics.median(ts), 3),
                           "images_per_s_best": round(len(files) / min(ts), 1),
                           "images_per_s_median": round(len(files) / statistics.median(ts), 1)}
+            if name in cores_used:
+                best_run = ts.index(min(ts))
+                rows[name]["cores_used_best_run"] = round(cores_used[name][best_run], 2)
+                rows[name]["cores_used_median"] = round(statistics.median(cores_used[name]), 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -145,7 +157,7 @@ def main() -> int:
         "speedup_2_workers": {"best": round(best["stage_2"] / best["stage_1"], 2),
                               "median": round(med["stage_2"] / med["stage_1"], 2)},
         "conditions": {"cpu_count": os.cpu_count(), "cores_allowed": len(cores),
-                       "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                       "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                        "opencv": cv2.__version__, "python": sys.version.split()[0]},
     }
     print(json.dumps(report, indent=2))
