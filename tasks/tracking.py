@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -220,7 +221,7 @@ def numeric(flat: dict[str, Any]) -> dict[str, float]:
     for k, v in flat.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
             continue
-        out[k.replace("@", "_")] = float(v)
+        out[re.sub(r"[^\w\-. /]", "_", k)] = float(v)  # MLflow allows only these characters in names
     return out
 
 
@@ -315,6 +316,9 @@ def _example_image(test_index: pd.DataFrame, root: Path) -> bytes | None:
     return None
 
 
+DATA_REPORT_STAGES = ("ingest", "dedupe", "clean", "split", "preprocess", "upsample")
+
+
 def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports: list[Path],
                    test_index: pd.DataFrame, model_dir: Path, register_model: bool = True) -> dict[str, Any]:
     """One MLflow run per evaluate: params, train + test metrics (history per epoch), plots and tables,
@@ -349,6 +353,14 @@ def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports:
         for folder in reports:
             if Path(folder).exists():
                 mlflow.log_artifacts(str(folder), artifact_path=f"reports/{Path(folder).name}")
+        # The data report of the run (counts per source/class/split, duplicates, drops by reason, class balance
+        # plot) rides along, so a model in the UI shows what data it came from.
+        for stage in DATA_REPORT_STAGES:
+            folder = paths.reports / stage
+            if (folder / "metrics.json").exists():
+                mlflow.log_metrics({f"data.{stage}.{k}": v for k, v in
+                                    numeric(flatten(json.loads((folder / "metrics.json").read_text()))).items()})
+                mlflow.log_artifacts(str(folder), artifact_path=f"data_report/{stage}")
         cols = [c for c in ("source", "isic_id", "target", "split", "age_approx", "sex") if c in test_index]
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column hints
             warnings.simplefilter("ignore", UserWarning)

@@ -75,6 +75,16 @@ def test_dvc_repro_end_to_end_noop_and_bit_identical(project):
     assert not idx.loc[idx.synthetic.astype(bool), "split"].ne("train").any()  # synthetic only in train
     assert idx.groupby("group_id")["split"].nunique().max() == 1  # no group in two splits
     assert (proj / "mlruns/mlflow.db").exists()
+    # The evaluate run in MLflow carries the data report of the stages that made its data.
+    import mlflow
+
+    run_id = json.loads((proj / "reports/evaluate/mlflow.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{proj}/mlruns/mlflow.db")
+    run = client.get_run(run_id)
+    clean_metrics = json.loads((proj / "reports/clean/metrics.json").read_text())
+    assert run.data.metrics["data.clean.rows_out"] == clean_metrics["rows_out"]
+    assert {a.path for a in client.list_artifacts(run_id, "data_report/clean")} >= {
+        "data_report/clean/metrics.json", "data_report/clean/class_balance.png"}
 
     # A second repro is a no-op, and fast.
     t0 = time.perf_counter()
