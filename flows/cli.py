@@ -20,6 +20,11 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 
+def _emit(obj: object) -> None:
+    """A command's result as stable JSON on stdout (what scripts and the flows parse)."""
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
 def _load(args: argparse.Namespace):
     from tasks.config import ParamsError, load_params
 
@@ -44,7 +49,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     stage = get(args.name)
     params = _load(args)  # validated before any work starts
     summary = stage.load()(params, Paths(Path(args.root).resolve()))
-    print(json.dumps({"stage": stage.name, **(summary or {})}, indent=2, sort_keys=True, default=str))
+    _emit({"stage": stage.name, **(summary or {})})
     return 0
 
 
@@ -92,7 +97,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from flows.nightly import nightly_flow
 
     rec = nightly_flow(root=args.root, config=args.config, params=args.params)
-    print(json.dumps(rec, indent=2, sort_keys=True, default=str))
+    _emit(rec)
     return 0
 
 
@@ -128,7 +133,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     rec = promote_now(root, load_nightly(root / args.config), root / args.params, version=args.version,
                       force=args.force)
-    print(json.dumps(rec, indent=2, sort_keys=True, default=str))
+    _emit(rec)
     return 0
 
 
@@ -136,7 +141,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     from tasks.screen import screen_files
 
     summary = screen_files(args.images, args.out, args.model, root=Path(args.root).resolve())
-    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    _emit(summary)
     return 0
 
 
@@ -144,7 +149,7 @@ def cmd_synth_widefield(args: argparse.Namespace) -> int:
     from tasks.screen import synth_widefield
 
     files = synth_widefield(args.out, args.n, args.seed)
-    print(json.dumps({"images": len(files), "out": str(args.out)}, indent=2))
+    _emit({"images": len(files), "out": str(args.out)})
     return 0
 
 
@@ -152,7 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict
 
     summary = predict(args.model, args.inputs, args.out, root=Path(args.root).resolve())
-    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    _emit(summary)
     return 0
 
 
