@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+def repeated(names: list[str]) -> list[str]:
+    """Names that occur more than once (for the uniqueness checks of sources and ensemble members)."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 class Strict(BaseModel):
     """Base for every params section: a typo is an error, not a silently ignored key."""
 
@@ -71,8 +76,7 @@ class Ingest(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Ingest":
-        names = [s.name for s in self.sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([s.name for s in self.sources])
         if dupes:
             raise ValueError(f"source names must be unique; repeated: {dupes} (set `name:` on each source)")
         return self
@@ -284,8 +288,7 @@ class Train(Strict):
 
     @model_validator(mode="after")
     def _unique_members(self) -> "Train":
-        names = [m.name for m in self.members]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated([m.name for m in self.members])
         if dupes:
             raise ValueError(f"member names must be unique; repeated: {dupes}")
         return self

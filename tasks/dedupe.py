@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import Dedupe, Params
-from tasks.io import KEY, Paths, progress, read_index, write_index, write_json, write_table
+from tasks.io import KEY, Paths, progress, read_index, sha256_file, write_index, write_json, write_table
 from tasks.labels import label_of
 
 # Bump when the feature computation changes: old cache segments are then ignored, never mixed in.
@@ -746,14 +746,6 @@ def dedupe_metrics(out: pd.DataFrame, pairs: pd.DataFrame, groups: pd.DataFrame)
 
 
 # --------------------------------------------------------------------------- I/O: content hashes, cache, run
-def content_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _missing_sha(path: Path) -> str:
     """A stable stand-in content key for a file that cannot be read (it still needs a features row)."""
     return "missing-" + hashlib.sha256(str(path).encode()).hexdigest()[:56]
@@ -770,7 +762,7 @@ def content_hashes(index: pd.DataFrame, paths: Paths, trust_ingest: bool, worker
         if _SHA_RE.match(given[k] or "") and files[k].is_file():
             return given[k]
         try:
-            return content_sha(files[k])
+            return sha256_file(files[k])
         except OSError:
             return _missing_sha(files[k])
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import Ingest, IsicSource, LocalSource, Params, SyntheticSource
-from tasks.io import Paths, progress, show_progress, write_index, write_json, write_table, write_text
+from tasks.io import Paths, progress, sha256_file, show_progress, write_index, write_json, write_table, write_text
 
 STAGE = "ingest"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -49,14 +49,6 @@ class SourceResult:
 
 
 # --------------------------------------------------------------------------- pure helpers
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def normalise_index(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """One typed table: standard columns first, numbers numeric, everything else str or missing."""
     df = pd.DataFrame(rows)
