@@ -41,8 +41,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tasks import dedupe as D  # noqa: E402
-from tasks.config import parse_params  # noqa: E402
-from tasks.io import Paths, write_index  # noqa: E402
+from tasks.core.config import parse_params  # noqa: E402
+from tasks.core.io import Paths, write_index  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 # Same photo although the shipped ground truth does not say so: a re-coloured, cropped re-issue inside isic-real

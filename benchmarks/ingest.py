@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
 from isic_client import IsicClient, download_images  # noqa: E402
-from isic_client.server import running_server, write_sample_folder  # noqa: E402
+from tasks.fake.isic_server import running_server, write_sample_folder  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "isic-real"
 
@@ -36,7 +36,7 @@ DEFAULT_REAL = ROOT.parent / "shared" / "data" / "isic-real"
 @contextmanager
 def server_process(root: Path, latency_ms: float) -> Iterator[str]:
     """`serve_forever` in a child process on ephemeral ports; yields the API base URL."""
-    code = ("import sys; from pathlib import Path; from isic_client.server import serve_forever; "
+    code = ("import sys; from pathlib import Path; from tasks.fake.isic_server import serve_forever; "
             f"serve_forever(Path({str(root)!r}), host='127.0.0.1', port=0, latency_ms={latency_ms})")
     proc = subprocess.Popen([sys.executable, "-u", "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -33,8 +33,8 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic-real"
 
 def write_images(out: Path, n: int, size: int, seed: int = 0) -> tuple[list[str], np.ndarray, str]:
     """N processed PNGs of size px; (files, targets, where they came from)."""
-    from tasks.config import Preprocess
-    from tasks.preprocess import encode_png, process_image
+    from tasks.core.config import Preprocess
+    from tasks.core.images import encode_png, process_image
 
     cfg = Preprocess(size=size)
     rng = np.random.default_rng(seed)
@@ -83,7 +83,7 @@ def main() -> None:
     import tensorflow as tf
 
     from tasks import train
-    from tasks.config import Augment, Train
+    from tasks.core.config import Augment, Train
     from tasks.models.classifier import build_member
 
     tf.config.experimental.enable_op_determinism()

@@ -28,8 +28,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tasks.config import parse_params  # noqa: E402
-from tasks.io import Paths  # noqa: E402
+from tasks.core.config import parse_params  # noqa: E402
+from tasks.core.io import Paths  # noqa: E402
 from tasks.preprocess import run  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def _emit(obj: object) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from tasks.config import ParamsError, load_params
+    from tasks.core.config import ParamsError, load_params
 
     try:
         return load_params(args.params)
@@ -36,7 +36,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from tasks.config import dump_params
+    from tasks.core.config import dump_params
 
     print(dump_params(_load(args)), end="")
     return 0
@@ -44,17 +44,17 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from flows.stages import get
-    from tasks.io import Paths
+    from tasks.core.io import Paths
 
     stage = get(args.name)
     params = _load(args)  # validated before any work starts
-    summary = stage.load()(params, Paths(Path(args.root).resolve()))
+    summary = stage.run(params, Paths(Path(args.root).resolve()))
     _emit({"stage": stage.name, **(summary or {})})
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tasks.synthetic import generate
+    from tasks.fake.lesions import generate
 
     df = generate(Path(args.out), n=args.n, seed=args.seed, malignant_fraction=args.malignant_fraction,
                   image_size=args.size, trouble=not args.no_trouble)
@@ -63,7 +63,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_isic_server(args: argparse.Namespace) -> int:
-    from isic_client.server import serve_forever
+    from tasks.fake.isic_server import serve_forever
 
     serve_forever(Path(args.root), host=args.host, port=args.port, latency_ms=args.latency_ms,
                   fail_rate=args.fail_rate, rate_limit_every=args.rate_limit_every,

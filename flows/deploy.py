@@ -80,8 +80,9 @@ def serve(root: Path, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> None:
 def deploy_to_pool(root: Path, pool: str, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> list[str]:
     """Register both deployments on work pool `pool`, code pulled from this checkout (a process pool needs no
     image); returns the deployment ids."""
-    from flows.nightly import nightly_flow  # noqa: F401  (import check before the server round trips)
     from prefect import flow as prefect_flow
+
+    from flows.nightly import nightly_flow  # noqa: F401  (import check before the server round trips)
 
     cfg = load_nightly(root / config)
     print(f"Prefect API: {require_server()}")

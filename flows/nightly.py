@@ -290,9 +290,9 @@ class MlflowRegistry:
         return tracking.current_version(self.model_name, self.root)  # what the last evaluate registered
 
     def score(self, version: str) -> dict[str, Any]:
-        from tasks.config import load_params
+        from tasks.core.config import load_params
+        from tasks.core.io import Paths
         from tasks.evaluate import score_model
-        from tasks.io import Paths
 
         # same scorer, same params, same data/<stage>/index.parquet test rows for challenger and champion
         s = score_model(f"models:/{self.model_name}/{version}", load_params(self.params_file), Paths(self.root))

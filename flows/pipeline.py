@@ -190,13 +190,13 @@ def forward_logs(target: logging.Logger | logging.LoggerAdapter) -> Iterator[Non
 
 def execute_inprocess(stage: str, root: Path, params_file: Path, logger: Any) -> dict[str, Any]:
     """Call the stage's `run(params, paths)` in this process (tests, debugging); dvc.lock is not updated."""
-    from tasks.config import load_params
-    from tasks.io import Paths
+    from tasks.core.config import load_params
+    from tasks.core.io import Paths
 
     params = load_params(params_file)  # validated per stage: a bad edit fails before that stage's work
     t0 = time.perf_counter()
     with forward_logs(logger):
-        summary = registry.STAGES[stage].load()(params, Paths(root))
+        summary = registry.STAGES[stage].run(params, Paths(root))
     seconds = round(time.perf_counter() - t0, 2)
     summary = json.loads(json.dumps(summary or {}, default=str))  # JSON-able for the Prefect result
     return {"stage": stage, "executor": "inprocess", "ran": True, "seconds": seconds, "summary": summary,

@@ -17,17 +17,21 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from tasks.config import Augment, Params
-from tasks.io import KEY, Paths, read_index, write_bytes, write_index, write_json, write_table
-from tasks.preprocess import (
-    decode,
-    encode_png,
+from tasks.core.config import Augment, Params
+from tasks.core.images import decode, encode_png, sample_grid
+from tasks.core.io import (
+    KEY,
+    Paths,
     image_relpath,
-    parallel_map,
     prune_outputs,
-    sample_grid,
+    read_index,
+    write_bytes,
     write_file_atomic,
+    write_index,
+    write_json,
+    write_table,
 )
+from tasks.core.parallel import parallel_map
 
 STAGE = "augment"
 SAMPLE_AUGMENTATIONS = 8

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.config import Clean, Params
-from tasks.io import Paths, atomic_path, progress, read_index, write_index, write_json, write_table
-from tasks.labels import label_of, target_of
+from tasks.core.config import Clean, Params
+from tasks.core.io import Paths, atomic_path, progress, read_index, write_index, write_json, write_table
+from tasks.core.labels import label_of, target_of
 
 STAGE = "clean"
 INPUT_STAGE = "dedupe"

@@ -13,15 +13,15 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from tasks.config import Cyclegan, Params
-from tasks.io import KEY, Paths, read_index, write_bytes, write_json, write_table
+from tasks.core.config import Cyclegan, Params
+from tasks.core.io import KEY, Paths, read_index, write_bytes, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def dihedral(images: np.ndarray, k: int | np.ndarray) -> np.ndarray:
 
 def batch_plan(seed: int, step: int, n_a: int, n_b: int, batch: int, pool_size: int, flip: bool) -> dict:
     """Everything random about training step `step`, from (seed, step) alone: a resumed run replays it exactly."""
-    from tasks.models.cyclegan import pool_query_plan
+    from tasks.models.gan import pool_query_plan
 
     rng = np.random.default_rng([seed, step])
     plan = {
@@ -100,7 +100,7 @@ def load_domain(rows: pd.DataFrame, paths: Paths, size: int) -> tuple[np.ndarray
     """Decode and resize (INTER_AREA) each processed image; unreadable ones are skipped with a reason."""
     import cv2
 
-    from tasks.preprocess import decode
+    from tasks.core.images import decode
 
     images, kept, skipped = [], [], []
     for i, r in enumerate(rows.itertuples(index=False)):
@@ -122,7 +122,7 @@ def load_domain(rows: pd.DataFrame, paths: Paths, size: int) -> tuple[np.ndarray
 # --------------------------------------------------------------------------- training
 @dataclass
 class TrainResult:
-    gan: Any  # tasks.models.cyclegan.CycleGan
+    gan: Any  # tasks.models.gan.CycleGan
     history: pd.DataFrame  # one row per `log_every` steps: step, epoch, lr and the mean of each loss
     start_step: int  # 0 = fresh, else the checkpoint step it resumed from
     end_step: int
@@ -132,7 +132,7 @@ class TrainResult:
 
 def gan_config(cfg: Cyclegan) -> Any:
     """The trainer's record from the params section."""
-    from tasks.models.cyclegan import GanConfig
+    from tasks.models.gan import GanConfig
 
     return GanConfig(image_size=cfg.image_size, base_filters=cfg.base_filters, n_res_blocks=cfg.n_res_blocks,
                      disc_filters=cfg.disc_filters, disc_downsamples=cfg.disc_downsamples, lr=cfg.lr,
@@ -168,7 +168,7 @@ def train(cfg: Cyclegan, images_a: np.ndarray, images_b: np.ndarray, ckpt_dir: P
     tf = import_tf(cfg.deterministic)  # first: the oneDNN switch only counts before TensorFlow loads
     import keras
 
-    from tasks.models.cyclegan import CycleGan, linear_decay_lr, to_unit
+    from tasks.models.gan import CycleGan, linear_decay_lr, to_unit
 
     if len(images_a) == 0 or len(images_b) == 0:
         raise ValueError(f"cyclegan: need benign and malignant train images, got {len(images_a)} benign and "
@@ -246,7 +246,7 @@ def sample_grid_image(gan: Any, images_a: np.ndarray, images_b: np.ndarray, k: i
     """Rows: k benign then k malignant images; columns: input, translated, reconstructed (uint8 RGB grid)."""
     import cv2
 
-    from tasks.models.cyclegan import to_uint8, to_unit
+    from tasks.models.gan import to_uint8, to_unit
 
     columns: list[list[np.ndarray]] = [[], [], []]
     labels = []
@@ -265,7 +265,7 @@ def titled_grid(columns: list[list[np.ndarray]], tile: int, titles: tuple[str, .
     """preprocess.sample_grid plus a header row naming the columns."""
     import cv2
 
-    from tasks.preprocess import sample_grid
+    from tasks.core.images import sample_grid
 
     grid = sample_grid(columns, tile, labels=row_labels)
     header = np.full((18, grid.shape[1], 3), 255, np.uint8)
@@ -277,7 +277,7 @@ def titled_grid(columns: list[list[np.ndarray]], tile: int, titles: tuple[str, .
 
 def cycle_error(gan: Any, images: np.ndarray, direction: str, batch_size: int = 32) -> float:
     """Mean absolute reconstruction error of x -> G(x) -> F(G(x)) in [0, 1] pixel units (inference mode)."""
-    from tasks.models.cyclegan import to_unit
+    from tasks.models.gan import to_unit
 
     if len(images) == 0:
         return float("nan")
@@ -334,7 +334,7 @@ def track(stage: str, section: Any, paths: Paths, metrics: dict, artifacts: list
                 out["register_skipped"] = "tasks.tracking.log_keras_model missing"
                 log.warning("%s: not registered as %s (tasks.tracking.log_keras_model missing)", stage, register_as)
             else:
-                from tasks.models.cyclegan import custom_objects
+                from tasks.models.gan import custom_objects
 
                 example = np.zeros((1, *model.input_shape[1:]), np.float32)
                 model_uri = log_keras(model, name="generator_b2m", input_example=example,
@@ -360,7 +360,7 @@ def run(params: Params, paths: Paths) -> dict:
     result = train(cfg, images_a, images_b, model_dir / "ckpt", data_hash(benign, malignant, images_a, images_b))
     gan = result.gan
 
-    from tasks.preprocess import encode_png
+    from tasks.core.images import encode_png
 
     gen_path = model_dir / GENERATOR_FILE
     save_keras(gan.g_ab, gen_path)

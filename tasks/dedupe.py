@@ -31,9 +31,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.config import Dedupe, Params
-from tasks.io import KEY, Paths, progress, read_index, sha256_file, write_index, write_json, write_table
-from tasks.labels import label_of
+from tasks.core.config import Dedupe, Params
+from tasks.core.io import KEY, Paths, progress, read_index, sha256_file, write_index, write_json, write_table
+from tasks.core.labels import label_of
 
 # Bump when the feature computation changes: old cache segments are then ignored, never mixed in.
 FEATURE_VERSION = 1

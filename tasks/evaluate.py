@@ -22,10 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.config import Evaluate, Params
-from tasks.io import Paths, read_index, write_json, write_table
+from tasks.core.config import Evaluate, Params
+from tasks.core.io import Paths, read_index, write_json, write_table
+
 # The operating-point helpers live with train (which picks the threshold) so train's code deps stay small.
-from tasks.train import as_arrays, binary_metrics, round_floats, threshold_for_sensitivity
+from tasks.train import as_arrays, binary_metrics, round_floats
 
 STAGE = "evaluate"
 SUBGROUPS = ("source", "dataset", "sex", "age_band", "site")  # dataset: `source_dataset` when the metadata has it
@@ -288,7 +289,7 @@ def confident_mistakes(pred: pd.DataFrame, threshold: float, k: int) -> pd.DataF
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    from tasks.io import atomic_path
+    from tasks.core.io import atomic_path
 
     plt = _plt()
     with atomic_path(path) as tmp:
@@ -362,8 +363,15 @@ def _gradcam_figure(model: Any, images: np.ndarray, meta: np.ndarray | None, tit
 def run(params: Params, paths: Paths) -> dict:
     """Score models/classifier.keras on the test split, write reports and plots, log + register in MLflow."""
     from tasks.models.classifier import load_keras
-    from tasks.train import (INPUT_STAGE, MODEL_FILE, check_columns, encode_metadata, load_config,
-                             load_val_images, predict_proba)
+    from tasks.train import (
+        INPUT_STAGE,
+        MODEL_FILE,
+        check_columns,
+        encode_metadata,
+        load_config,
+        load_val_images,
+        predict_proba,
+    )
 
     cfg: Evaluate = params.evaluate
     t0 = time.perf_counter()

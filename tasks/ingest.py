@@ -6,7 +6,6 @@ import hashlib
 import os
 import shutil
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,8 +13,8 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from tasks.config import Ingest, IsicSource, LocalSource, Params, SyntheticSource
-from tasks.io import Paths, progress, sha256_file, show_progress, write_index, write_json, write_table, write_text
+from tasks.core.config import Ingest, IsicSource, LocalSource, Params, SyntheticSource
+from tasks.core.io import Paths, progress, sha256_file, show_progress, write_index, write_json, write_table, write_text
 
 STAGE = "ingest"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -78,7 +77,7 @@ def attribution_text(df: pd.DataFrame) -> str:
 
 def synthetic_cache_key(src: SyntheticSource) -> str:
     """Cache key of a generated synthetic folder: its options and the generator's code."""
-    import tasks.synthetic as synthetic
+    import tasks.fake.lesions as synthetic
 
     code = Path(synthetic.__file__).read_bytes()
     spec = f"{src.n}:{src.seed}:{src.malignant_fraction}:{src.image_size}:{src.trouble}".encode()
@@ -87,8 +86,9 @@ def synthetic_cache_key(src: SyntheticSource) -> str:
 
 # --------------------------------------------------------------------------- sources
 def _client_kwargs(cfg: Ingest) -> dict[str, Any]:
-    from isic_client.retry import ISIC_RETRY
     from dataclasses import replace
+
+    from isic_client.retry import ISIC_RETRY
 
     return {
         "timeout": (cfg.timeout_connect, cfg.timeout_read),
@@ -167,8 +167,8 @@ def fetch_local(src: LocalSource, image_dir: Path) -> SourceResult:
 
 def fetch_synthetic(src: SyntheticSource, cfg: Ingest, image_dir: Path, paths: Paths) -> SourceResult:
     """Generate (cached) synthetic lesions, serve them with the local ISIC server, fetch via the real client."""
-    from isic_client.server import running_server
-    from tasks.synthetic import generate
+    from tasks.fake.isic_server import running_server
+    from tasks.fake.lesions import generate
 
     folder = paths.cache / "synthetic" / f"{src.name}-{synthetic_cache_key(src)}"
     if not (folder / "metadata.csv").exists():
@@ -181,7 +181,7 @@ def fetch_synthetic(src: SyntheticSource, cfg: Ingest, image_dir: Path, paths: P
     with running_server(folder) as base_url:
         res = fetch_isic(src.name, base_url, "", (), None, cfg, image_dir, kind="synthetic")
     res.detail.update({"n": src.n, "seed": src.seed, "malignant_fraction": src.malignant_fraction,
-                       "image_size": src.image_size, "trouble": src.trouble, "served_from": "local ISIC server (isic_client.server)"})
+                       "image_size": src.image_size, "trouble": src.trouble, "served_from": "local ISIC server (tasks.fake.isic_server)"})
     res.detail.pop("base_url", None)  # a random local port: keep the manifest deterministic
     return res
 

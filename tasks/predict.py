@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.io import write_table
+from tasks.core.io import write_table
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 OUTPUT_COLUMNS = ["isic_id", "path", "probability_malignant", "prediction", "error"]
@@ -56,7 +56,7 @@ class Bundle:
         """The stored Preprocess params (keys this code version no longer knows are dropped, with defaults
         for new ones, so an older model keeps working)."""
         if self._preprocess is None:
-            from tasks.config import Preprocess
+            from tasks.core.config import Preprocess
 
             known = set(Preprocess.model_fields)
             self._preprocess = Preprocess(**{k: v for k, v in self.config["preprocess"].items() if k in known})
@@ -64,7 +64,7 @@ class Bundle:
 
     def preprocess(self, image: bytes | np.ndarray) -> np.ndarray:
         """Raw encoded bytes (or an RGB array) -> the model's input image, as the preprocess stage made it."""
-        from tasks.preprocess import process_image
+        from tasks.core.images import process_image
 
         img = process_image(image, self.preprocess_config())
         if img.shape[:2] != (self.image_size, self.image_size):

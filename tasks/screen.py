@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.io import write_bytes, write_json, write_table
+from tasks.core.io import write_bytes, write_json, write_table
 
 CSV_COLUMNS = ["lesion", "x", "y", "w", "h", "area", "probability", "ud_score", "ud_rank"]
 
@@ -281,7 +281,7 @@ def render_widefield(rng: np.random.Generator, width: int = 1024, height: int = 
                      n_lesions: tuple[int, int] = (4, 8)) -> tuple[np.ndarray, dict[str, Any]]:
     """One photo (uint8 BGR): a patient's skin with benign lesions around a shared signature nevus and one
     malignant lesion (the odd one), non-overlapping; plus its truth (boxes x, y, w, h; odd index; labels)."""
-    from tasks.synthetic import paint_lesion, sample_lesion, sample_patient_style, skin_background
+    from tasks.fake.lesions import paint_lesion, sample_lesion, sample_patient_style, skin_background
 
     style = sample_patient_style(rng)
     style = type(style)(skin_tone=min(style.skin_tone, 0.6), nevus_brown=style.nevus_brown,

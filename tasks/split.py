@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.config import Params, Split
-from tasks.io import Paths, read_index, write_index, write_json, write_table
+from tasks.core.config import Params, Split
+from tasks.core.io import Paths, read_index, write_index, write_json, write_table
 
 STAGE = "split"
 INPUT_STAGE = "clean"

@@ -302,7 +302,7 @@ def _example_image(test_index: pd.DataFrame, root: Path) -> bytes | None:
     """A small JPEG of one test image: a real, self-contained input example (kB, not a full-size photo)."""
     import cv2
 
-    from tasks.preprocess import decode
+    from tasks.core.images import decode
 
     for rel in test_index.get("processed_path", pd.Series(dtype=str)).head(5):
         p = Path(rel) if Path(rel).is_absolute() else root / rel
@@ -324,8 +324,9 @@ def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports:
     """One MLflow run per evaluate: params, train + test metrics (history per epoch), plots and tables,
     git commit, DVC data hash (log_input), the pyfunc model; registered as a new version tagged with its
     test metrics. Returns ids for reports/evaluate/mlflow.json and the nightly flow."""
-    from tasks.config import dump_params
-    from tasks.train import INPUT_STAGE, STAGE as TRAIN_STAGE
+    from tasks.core.config import dump_params
+    from tasks.train import INPUT_STAGE
+    from tasks.train import STAGE as TRAIN_STAGE
 
     root = Path(paths.root)
     cfg = params.evaluate

@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.config import Member, Params, Train
-from tasks.io import Paths, atomic_path, read_index, write_json, write_table
+from tasks.core.config import Member, Params, Train
+from tasks.core.io import Paths, atomic_path, read_index, write_json, write_table
 
 STAGE = "train"
 # The stage whose index train (and evaluate) read: the last data stage before train. `upsample` passes every
@@ -246,7 +246,7 @@ def read_image(path: Path | str, size: int) -> np.ndarray:
     """A processed image as uint8 RGB size x size (resized only if the file is not already that size)."""
     import cv2
 
-    from tasks.preprocess import decode
+    from tasks.core.images import decode
 
     img = decode(Path(path).read_bytes())
     if img.shape[:2] != (size, size):

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from tasks.config import Params
-from tasks.io import atomic_path, Paths, progress, read_index, write_index, write_json, write_table
+from tasks.core.config import Params
+from tasks.core.io import Paths, atomic_path, progress, read_index, write_index, write_json, write_table
 
 STAGE = "ugly_duckling"
 SCORE_COLUMNS = ["ud_score", "ud_rank", "ud_lesions"]
@@ -226,7 +226,7 @@ def synthetic_patients(n_patients: int, lesions: int, seed: int,
     patient's signature nevus and one malignant (the planted ugly duckling, target 1)."""
     import cv2
 
-    from tasks.synthetic import render_image, sample_lesion, sample_patient_style
+    from tasks.fake.lesions import render_image, sample_lesion, sample_patient_style
 
     if lesions < 3:
         raise ValueError("synthetic patients need >= 3 lesions (one odd + two to compare with)")
@@ -277,7 +277,7 @@ def plot_tsne(xy: np.ndarray, scored: pd.DataFrame, out: Path, label_patients: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.io import atomic_path
+    from tasks.core.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     pats = scored["patient_id"].to_numpy()

@@ -19,9 +19,9 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from tasks.config import Params, Upsample
+from tasks.core.config import Params, Upsample
+from tasks.core.io import KEY, Paths, read_index, write_bytes, write_index, write_json, write_table
 from tasks.cyclegan import GENERATOR_FILE, dihedral, train_domains
-from tasks.io import KEY, Paths, read_index, write_bytes, write_index, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def synthetic_key(source: str, isic_id: str, variant: int) -> tuple[str, str]:
 def synthetic_rows(sources: pd.DataFrame, files: list[dict]) -> pd.DataFrame:
     """Index rows for generated images: every column of the benign source kept (group_id, patient, metadata) except
     its label columns; key, paths, target 1, split train, synthetic True and the source's key added."""
-    from tasks.preprocess import image_relpath
+    from tasks.core.io import image_relpath
 
     if len(sources) != len(files):
         raise ValueError(f"{len(sources)} sources but {len(files)} generated files")
@@ -184,8 +184,9 @@ def generate(generator: Any, candidates: pd.DataFrame, k: int, paths: Paths, mod
     """Translate and write the first k readable candidates (features computed on the fly, not kept images)."""
     import cv2
 
-    from tasks.models.cyclegan import to_uint8, to_unit, translate
-    from tasks.preprocess import decode, encode_png, image_relpath
+    from tasks.core.images import decode, encode_png
+    from tasks.core.io import image_relpath
+    from tasks.models.gan import to_uint8, to_unit, translate
 
     size = int(generator.input_shape[1])
     sample_at = set(np.linspace(0, k - 1, min(n_samples, k)).round().astype(int).tolist()) if k else set()
@@ -331,7 +332,7 @@ def quality_plot(probs: dict, metrics: dict) -> bytes:
 
 # --------------------------------------------------------------------------- the stage
 def _read_rgb(paths: Paths, rel: Iterable[str]) -> list[np.ndarray]:
-    from tasks.preprocess import decode
+    from tasks.core.images import decode
 
     out = []
     for r in rel:
@@ -361,7 +362,7 @@ def run(params: Params, paths: Paths) -> dict:
     synthetic = index.iloc[:0]
     gen = None
     if k > 0:
-        from tasks.models.cyclegan import load_generator
+        from tasks.models.gan import load_generator
 
         generator = load_generator(paths.models / "cyclegan" / GENERATOR_FILE)
         candidates = candidate_sources(benign, cfg.seed, cfg.max_per_source)
@@ -375,7 +376,7 @@ def run(params: Params, paths: Paths) -> dict:
     out = combine(index, synthetic)
     check_no_leak(out, index)  # the guarantee, checked on what is about to be written
 
-    from tasks.preprocess import prune_outputs
+    from tasks.core.io import prune_outputs
 
     keep = {str(paths.abs(p)) for p in synthetic["processed_path"]} if len(synthetic) else set()
     prune_outputs(out_dir / "images", keep)
@@ -394,8 +395,8 @@ def run(params: Params, paths: Paths) -> dict:
         metrics.update(_quality_report(cfg, paths, index, benign, malignant, gen, report_dir))
         artifacts.append(report_dir / "quality.png")
     if gen is not None and gen.samples:
+        from tasks.core.images import encode_png
         from tasks.cyclegan import titled_grid
-        from tasks.preprocess import encode_png
 
         size = max(96, gen.samples[0][0].shape[0])
         grid = titled_grid([[a for a, _ in gen.samples], [b for _, b in gen.samples]], size,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from flows.stages import STAGES
-from tasks.config import Params
+from tasks.core.config import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +23,7 @@ from isic_client import (
     download_images,
 )
 from isic_client.download import PARTIAL_PREFIX
-from isic_client.server import IsicServer, write_sample_folder
+from tasks.fake.isic_server import IsicServer, write_sample_folder
 
 N = 12
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import Params, load_params
+from tasks.core.config import Params, load_params
 
 # Keras reads KERAS_HOME once, at import: weight files seeded by tests land in a temp dir, not ~/.keras.
 os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="lf-keras-"))
@@ -45,8 +45,8 @@ def build_tiny_project(root: Path, params: Params, seed: int = 0, splits: dict[s
     """Raw + processed images and data/augment/index.parquet under `root`; returns root."""
     import cv2
 
-    from tasks.io import Paths, write_index
-    from tasks.preprocess import encode_png, process_image
+    from tasks.core.images import encode_png, process_image
+    from tasks.core.io import Paths, write_index
     from tasks.train import INPUT_STAGE
 
     paths = Paths(root)
@@ -94,7 +94,7 @@ def lf_tiny_project(tmp_path: Path, lf_tiny_params: Params, monkeypatch: pytest.
 def lf_trained(tmp_path_factory: pytest.TempPathFactory, lf_tiny_params: Params) -> Path:
     """A tiny project with models/classifier.keras trained once per session (params/tiny.yaml)."""
     from tasks import train
-    from tasks.io import Paths
+    from tasks.core.io import Paths
 
     root = build_tiny_project(tmp_path_factory.mktemp("trained") / "proj", lf_tiny_params)
     train.run(lf_tiny_params, Paths(root))

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.io import Paths, write_index
+from tasks.core.io import Paths, write_index
 
 
 def lesion(size: int, malignant: bool, rng: np.random.Generator) -> np.ndarray:
@@ -35,7 +35,7 @@ LAYOUT = {("train", 0): 6, ("train", 1): 2, ("val", 0): 2, ("val", 1): 1, ("test
 
 def make_preprocess(root: Path, size: int = 24, seed: int = 0, layout: dict | None = None) -> pd.DataFrame:
     """Write root/data/preprocess/{images/*.png, index.parquet} and data/augment/index.parquet; return the latter."""
-    from tasks.preprocess import encode_png
+    from tasks.core.images import encode_png
 
     paths = Paths(root)
     rng = np.random.default_rng(seed)

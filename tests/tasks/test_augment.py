@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.augment import augment_copy, augment_fn, aug_source, build_augmenter, copy_seed, run
-from tasks.config import Augment, ParamsError, parse_params
-from tasks.io import Paths, read_index
-from tasks.preprocess import decode, encode_png, image_relpath
+from tasks.augment import aug_source, augment_copy, augment_fn, build_augmenter, copy_seed, run
+from tasks.core.config import Augment, ParamsError, parse_params
+from tasks.core.images import decode, encode_png
+from tasks.core.io import Paths, image_relpath, read_index
 
 
 def _images(n: int, size: int = 32) -> list[np.ndarray]:

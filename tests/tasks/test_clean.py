@@ -20,8 +20,8 @@ from tasks.clean import (
     normalise_metadata,
     run,
 )
-from tasks.config import Clean, parse_params
-from tasks.io import Paths, write_index
+from tasks.core.config import Clean, parse_params
+from tasks.core.io import Paths, write_index
 
 
 def jpeg(w: int = 64, h: int = 48, seed: int = 0, **flags: int) -> bytes:

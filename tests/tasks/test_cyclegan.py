@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from tasks import cyclegan as cg
-from tasks.config import Cyclegan, ParamsError, parse_params
-from tasks.io import Paths
-from tasks.models.cyclegan import (
+from tasks.core.config import Cyclegan, ParamsError, parse_params
+from tasks.core.io import Paths
+from tasks.models.gan import (
     GanConfig,
     linear_decay_lr,
     patchgan_downsamples,
@@ -110,7 +110,7 @@ def test_params_reject_bad_shapes():
 
 # --------------------------------------------------------------------------- models (TensorFlow)
 def test_generator_and_discriminator_shapes():
-    from tasks.models.cyclegan import build_discriminator, build_generator
+    from tasks.models.gan import build_discriminator, build_generator
 
     g = build_generator(16, base_filters=4, n_res_blocks=2)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
@@ -128,7 +128,7 @@ def test_generator_and_discriminator_shapes():
 def test_history_pool_fills_then_swaps():
     import tensorflow as tf
 
-    from tasks.models.cyclegan import CycleGan
+    from tasks.models.gan import CycleGan
 
     gan = CycleGan(GanConfig(image_size=16, base_filters=2, n_res_blocks=0, disc_filters=2, pool_size=2))
     fake = lambda v: tf.fill((1, 16, 16, 3), float(v))  # noqa: E731
@@ -144,7 +144,7 @@ def test_history_pool_fills_then_swaps():
 def test_one_training_step_on_two_tiny_images():
     import keras
 
-    from tasks.models.cyclegan import LOSS_NAMES, CycleGan, pool_query_plan
+    from tasks.models.gan import LOSS_NAMES, CycleGan, pool_query_plan
 
     keras.utils.set_random_seed(0)
     gan = CycleGan(GanConfig(**TINY))
@@ -182,7 +182,7 @@ def eager():
 
 
 def _weights(path: Path) -> list[np.ndarray]:
-    from tasks.models.cyclegan import load_generator
+    from tasks.models.gan import load_generator
 
     return load_generator(path).get_weights()
 
@@ -193,7 +193,7 @@ def test_stage_writes_outputs_and_resumes(project: Path, eager):
     assert out["steps"] == 2 and out["resumed_from_step"] == 0
     assert (out["train_benign"], out["train_malignant"]) == (6, 2)  # train split only, no augmented copies
     gen = project / "models/cyclegan/generator_b2m.keras"
-    from tasks.models.cyclegan import load_generator
+    from tasks.models.gan import load_generator
 
     assert load_generator(gen).output_shape == (None, 16, 16, 3)
     losses = pd.read_csv(project / "reports/cyclegan/losses.csv")
@@ -231,7 +231,7 @@ def test_stage_fails_clearly_without_a_malignant_train_image(tmp_path: Path, eag
 def test_one_step_is_deterministic_on_cpu():
     import keras
 
-    from tasks.models.cyclegan import CycleGan, pool_query_plan
+    from tasks.models.gan import CycleGan, pool_query_plan
 
     results = []
     for _ in range(2):

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from tasks import dedupe as D
-from tasks.config import parse_params
-from tasks.io import KEY, Paths, write_index
+from tasks.core.config import parse_params
+from tasks.core.io import KEY, Paths, write_index
+
 
 # --------------------------------------------------------------------------- synthetic images
 def lesion_image(seed: int, size: tuple[int, int] = (200, 150), texture_seed: int | None = None) -> np.ndarray:
@@ -314,7 +315,7 @@ def test_missing_ingest_index_is_a_clear_error(tmp_path: Path) -> None:
 def test_project_synthetic_source_against_its_planted_truth(tmp_path: Path) -> None:
     """tasks/synthetic.py plants copies (exact, resized, re-encoded, recoloured, cropped, label-conflicting)
     among photos of one appearance model (many round look-alike lesions): planted.csv is the truth."""
-    from tasks.synthetic import generate
+    from tasks.fake.lesions import generate
 
     folder = tmp_path / "synthetic"
     generate(folder, n=300, seed=0)

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from tasks import evaluate as E
-from tasks.config import Params, parse_params
-from tasks.io import Paths
+from tasks.core.config import Params, parse_params
+from tasks.core.io import Paths
 from tasks.train import INPUT_STAGE
 
 

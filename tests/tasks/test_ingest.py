@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from tasks import ingest
-from tasks.config import parse_params
-from tasks.io import Paths, read_index, read_json
+from tasks.core.config import parse_params
+from tasks.core.io import Paths, read_index, read_json
 
 
 def _params(*sources: dict, **ingest_kw) -> object:

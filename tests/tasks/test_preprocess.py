@@ -10,22 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import ParamsError, Preprocess, parse_params
-from tasks.io import Paths, read_index
-from tasks.preprocess import (
+from tasks.core.config import ParamsError, Preprocess, parse_params
+from tasks.core.images import (
     clahe_lab,
     decode,
     encode_png,
     fit,
     hair_mask,
-    image_relpath,
     letterbox,
     process_image,
     remove_hair,
     resize,
-    run,
     shades_of_grey,
 )
+from tasks.core.io import Paths, image_relpath, read_index
+from tasks.preprocess import run
 
 
 def _lesion(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
@@ -290,7 +289,7 @@ def test_bad_preprocess_params_are_rejected_by_name(bad: dict, where: str) -> No
 
 
 def test_prune_compares_normalised_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.preprocess import prune_outputs
+    from tasks.core.io import prune_outputs
 
     (tmp_path / "images" / "ab").mkdir(parents=True)
     for name in ("keep.png", "stale.png"):

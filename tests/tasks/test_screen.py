@@ -10,8 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.screen import (CSV_COLUMNS, crop_patch, detect_lesions, evaluate_screen, iou, load_truth, match_boxes,
-                          screen, synth_widefield, ud_scores)
+from tasks.screen import (
+    CSV_COLUMNS,
+    crop_patch,
+    detect_lesions,
+    evaluate_screen,
+    iou,
+    load_truth,
+    match_boxes,
+    screen,
+    synth_widefield,
+    ud_scores,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +71,7 @@ def test_screen_writes_csv_and_annotated_png(widefield: list[Path], tmp_path: Pa
 
 
 def test_plain_skin_has_no_lesions_and_bad_file_is_a_clear_error(tmp_path: Path) -> None:
-    from tasks.synthetic import skin_background
+    from tasks.fake.lesions import skin_background
 
     skin = (np.clip(skin_background(np.random.default_rng(0), 300, 400, 0.3), 0, 1) * 255).astype(np.uint8)
     assert len(detect_lesions(skin)) <= 1  # follicles and blotches are not lesions

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.config import Clean, Split, parse_params
-from tasks.io import Paths, write_index
+from tasks.core.config import Clean, Split, parse_params
+from tasks.core.io import Paths, write_index
 from tasks.split import assign_splits, connected_groups, leaks, run, split_metrics, unit_hash
 
 GROUP_COLS = ["patient_id", "lesion_id", "dup_group"]

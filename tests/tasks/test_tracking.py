@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from tasks import tracking
-from tasks.config import Params
-from tasks.io import Paths
+from tasks.core.config import Params
+from tasks.core.io import Paths
 from tasks.train import INPUT_STAGE
 
 

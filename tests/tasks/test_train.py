@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from tasks import train
-from tasks.config import Params, parse_params
-from tasks.io import Paths
+from tasks.core.config import Params, parse_params
+from tasks.core.io import Paths
 
 
 def _index() -> pd.DataFrame:
@@ -244,8 +244,8 @@ def test_reruns_in_fresh_processes_are_bit_identical(lf_tiny_params: Params, tmp
     environment (run() must set it before TF loads), op determinism, parallel tf.data augmentation."""
     from tests.tasks.conftest import TINY, build_tiny_project
 
-    code = ("import json, sys; from pathlib import Path; from tasks import train; from tasks.config import "
-            "load_params; from tasks.io import Paths; "
+    code = ("import json, sys; from pathlib import Path; from tasks import train; from tasks.core.config import "
+            "load_params; from tasks.core.io import Paths; "
             "print(json.dumps(train.run(load_params(sys.argv[1]), Paths(Path(sys.argv[2])))))")
     repo = Path(__file__).resolve().parents[2]
     roots = []

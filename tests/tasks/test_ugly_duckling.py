@@ -9,8 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.ugly_duckling import (l2_normalise, loo_centroid_scores, rank_desc, score_patients, synthetic_patients,
-                                 within_patient_metrics)
+from tasks.ugly_duckling import (
+    loo_centroid_scores,
+    rank_desc,
+    score_patients,
+    synthetic_patients,
+    within_patient_metrics,
+)
 
 
 def test_loo_centroid_matches_hand_computation() -> None:
@@ -79,7 +84,7 @@ def test_synthetic_patients_plant_exactly_one_malignant() -> None:
 # --------------------------------------------------------------------------- Keras (one untrained tiny model)
 @pytest.fixture(scope="module")
 def tiny_bundle():
-    from tasks.config import Preprocess
+    from tasks.core.config import Preprocess
     from tasks.models.classifier import build_small_cnn
     from tasks.predict import Bundle
 
@@ -112,8 +117,8 @@ def test_embedding_model_is_the_penultimate_layer(tiny_bundle) -> None:
 def test_stage_run_writes_scores_plot_and_metrics(tmp_path: Path, tiny_bundle) -> None:
     import cv2
 
-    from tasks.config import parse_params
-    from tasks.io import Paths, read_index, write_index
+    from tasks.core.config import parse_params
+    from tasks.core.io import Paths, read_index, write_index
     from tasks.ugly_duckling import run
 
     paths = Paths(tmp_path)

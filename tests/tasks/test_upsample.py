@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from tasks import upsample as up
-from tasks.config import parse_params
-from tasks.io import KEY, Paths, read_index
+from tasks.core.config import parse_params
+from tasks.core.io import KEY, Paths, read_index
 from tests.tasks.gan_fixture import make_preprocess
 
 
@@ -152,7 +152,7 @@ def project(tmp_path: Path) -> Path:
     import keras
 
     from tasks.cyclegan import GENERATOR_FILE, save_keras
-    from tasks.models.cyclegan import build_generator
+    from tasks.models.gan import build_generator
 
     make_preprocess(tmp_path, size=24)
     keras.utils.set_random_seed(0)

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.labels import label_of, target_of
+from tasks.core.labels import label_of, target_of
 
 
 @pytest.mark.parametrize(

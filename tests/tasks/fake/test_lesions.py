@@ -10,10 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.labels import label_of
-from tasks.synthetic import (
-    BENIGN_DX, COLUMNS, CORRUPT_KINDS, INDETERMINATE_DX, MALIGNANT_DX, PLANTED_COLUMNS, PLANTED_KINDS, SITES,
-    generate, trouble_counts,
+from tasks.core.labels import label_of
+from tasks.fake.lesions import (
+    BENIGN_DX,
+    COLUMNS,
+    CORRUPT_KINDS,
+    INDETERMINATE_DX,
+    MALIGNANT_DX,
+    PLANTED_COLUMNS,
+    PLANTED_KINDS,
+    SITES,
+    generate,
+    trouble_counts,
 )
 
 N = 300

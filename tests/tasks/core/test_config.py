@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ParamsError, load_params, parse_params
+from tasks.core.config import ParamsError, load_params, parse_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _params() -> dict:
@@ -104,3 +104,88 @@ def test_profiles_are_complete(profile):
 
     missing = [s for s in STAGES if s not in yaml.safe_load(profile.read_text())]
     assert not missing, f"{profile.name} lacks sections {missing}"
+
+
+# --------------------------------------------------------------------------- strictness (issue 10)
+def _load_text(tmp_path: Path, text: str):
+    f = tmp_path / "params.yaml"
+    f.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return load_params(f)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("clean", "min_side", True, "valid integer"),          # bool is not an int
+    ("ingest", "timeout_read", "30", "valid number"),       # str is not a float
+    ("ingest", "timeout_read", float("inf"), "finite"),     # no infinite timeout
+    ("ingest", "timeout_connect", float("nan"), "finite"),
+    ("split", "seed", 4.0, "valid integer"),                # float is not an int
+])
+def test_types_are_strict(section, key, value, match):
+    data = _params()
+    data[section][key] = value
+    with pytest.raises(ParamsError, match=match) as e:
+        parse_params(data)
+    assert f"{section}.{key}" in str(e.value)
+
+
+def test_yaml_inf_timeout_fails_before_work(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("timeout_read: 30.0", "timeout_read: .inf")
+    assert ".inf" in text
+    with pytest.raises(ParamsError, match=r"ingest\.timeout_read.*finite"):
+        _load_text(tmp_path, text)
+
+
+def test_duplicate_yaml_keys_are_errors(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("split:\n", "split:\n  seed: 1\n", 1)
+    with pytest.raises(ParamsError, match="duplicate key 'seed'"):
+        _load_text(tmp_path, text)
+
+
+def test_non_utf8_params_names_file(tmp_path):
+    text = (ROOT / "params.yaml").read_text().encode("utf-8") + b"# caf\xe9\n"
+    with pytest.raises(ParamsError, match=r"params\.yaml: not UTF-8.*re-save"):
+        _load_text(tmp_path, text)
+
+
+@pytest.mark.parametrize("name", ["../../../../escape", "a/b", ".hidden", "", "x" * 65, "sp ace"])
+def test_source_names_are_safe_slugs(name):
+    data = _params()
+    data["ingest"]["sources"] = [{"kind": "local", "path": "x", "name": name}]
+    with pytest.raises(ParamsError, match=r"ingest\.sources\.0\.local\.name"):
+        parse_params(data)
+
+
+def test_source_names_distinct_ignoring_case():
+    data = _params()
+    data["ingest"]["sources"] = [{"kind": "local", "path": "a", "name": "Derm"},
+                                 {"kind": "local", "path": "b", "name": "derm"}]
+    with pytest.raises(ParamsError, match="unique"):
+        parse_params(data)
+
+
+@pytest.mark.parametrize("var,ok", [("ISIC_TOKEN", True), ("MY_ISIC_TOKEN", True),
+                                    ("AWS_SECRET_ACCESS_KEY", False), ("GITHUB_TOKEN", False), ("isic_token", False)])
+def test_token_env_must_be_an_isic_token_variable(var, ok):
+    data = _params()
+    data["ingest"]["token_env"] = var
+    if ok:
+        assert parse_params(data).ingest.token_env == var
+    else:
+        with pytest.raises(ParamsError, match=r"ingest\.token_env"):
+            parse_params(data)
+
+
+def test_incomplete_profile_is_refused(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("  tile_grid: 8\n", "", 1)
+    with pytest.raises(ParamsError, match=r"incomplete params; missing preprocess\.tile_grid"):
+        _load_text(tmp_path, text)
+
+
+def test_a_stage_sees_only_its_declared_sections():
+    from flows.stages import STAGES
+
+    p = load_params(ROOT / "params.yaml")
+    view = p.view(STAGES["augment"].params, "augment")
+    assert view.augment == p.augment and view.preprocess.size == p.preprocess.size
+    with pytest.raises(ParamsError, match="stage 'augment' reads params section 'train'"):
+        view.train

@@ -29,7 +29,7 @@ from isic_client.models import ACQUISITION_FIELDS, ISIC_ID_RE, LICENSES, SEARCHA
 __all__ = ["IsicServer", "running_server", "serve_forever", "compile_query", "QueryError",
            "image_size", "write_png", "write_sample_folder"]
 
-log = logging.getLogger("isic_client.server")
+log = logging.getLogger("tasks.fake.isic_server")
 
 API_PREFIX = "/api/v2/"
 MAX_LIMIT = 100

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 import requests
 
-from isic_client.server import (
+from tasks.fake.isic_server import (
     Catalog,
     IsicServer,
     QueryError,

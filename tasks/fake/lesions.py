@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.io import write_bytes, write_table, write_text
+from tasks.core.io import write_bytes, write_table, write_text
 
 GENERATOR_VERSION = 1
 ID_BASE = 8_000_000  # synthetic ids ISIC_8000000..: real archive ids are far below; the API fixtures use 9000000+
@@ -757,7 +757,7 @@ def generate(out_dir: Path, n: int, seed: int = 0, malignant_fraction: float = 0
                    f"{lic}: {title}\nFull legal code: {url}\n\nApplies to the lesionflow synthetic images "
                    f"attributed to a cohort with this licence in metadata.csv (generated, no real patients).\n")
     summary = {
-        "generator": "tasks.synthetic", "version": GENERATOR_VERSION, "n": n, "seed": int(seed),
+        "generator": "tasks.fake.lesions", "version": GENERATOR_VERSION, "n": n, "seed": int(seed),
         "malignant_fraction": float(malignant_fraction), "image_size": int(image_size), "trouble": bool(trouble),
         "planted": trouble_counts(n, trouble), "lesions": len({r.meta["lesion_id"] for r in rows}),
         "patients": int(meta["patient_id"].nunique()),

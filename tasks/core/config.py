@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.core.errors import InputError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -19,15 +21,23 @@ def repeated(names: list[str]) -> list[str]:
 class Strict(BaseModel):
     """Base for every params section: a typo is an error, not a silently ignored key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML `true` is not the int 1, "1.5" is not a float; allow_inf_nan=False: `.inf` is no timeout.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- ingest
+# Source names become folder names under data/ingest/images: a slug, so no name can climb out of the project.
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# A token variable must be one the user opted into for ISIC: a name such as AWS_SECRET_ACCESS_KEY is refused,
+# so a params typo can never send a cloud secret to a server as a Bearer token.
+TOKEN_ENV = r"^[A-Z0-9_]*ISIC[A-Z0-9_]*TOKEN$"
+
+
 class IsicSource(Strict):
     """The ISIC Archive API v2 (or any server speaking it, such as `lesionflow isic-server`)."""
 
     kind: Literal["isic"]
-    name: str = "isic"
+    name: str = Field(default="isic", pattern=SOURCE_NAME)
     base_url: str = "https://api.isic-archive.com/api/v2/"
     query: str = ""
     collections: list[Union[int, str]] = Field(default_factory=list)  # ids, or names resolved at run time
@@ -45,7 +55,7 @@ class LocalSource(Strict):
     """A folder of images + metadata.csv, as `isic image download` writes it."""
 
     kind: Literal["local"]
-    name: str = "local"
+    name: str = Field(default="local", pattern=SOURCE_NAME)
     path: str
 
 
@@ -53,7 +63,7 @@ class SyntheticSource(Strict):
     """Synthetic dermoscopy-like lesions, served through the local ISIC server so the real client runs."""
 
     kind: Literal["synthetic"]
-    name: str = "synthetic"
+    name: str = Field(default="synthetic", pattern=SOURCE_NAME)
     n: int = Field(default=300, gt=0)
     seed: int = 0
     malignant_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
@@ -71,14 +81,19 @@ class Ingest(Strict):
     timeout_read: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
     backoff_cap: float = Field(default=30.0, gt=0)
-    token_env: str = "ISIC_TOKEN"  # name of the env var holding an optional API token (never the token)
+    # name of the env var holding an optional API token (never the token); sent only over https or to loopback
+    token_env: str = Field(default="ISIC_TOKEN", pattern=TOKEN_ENV)
     max_failures: int = Field(default=0, ge=0)  # downloads allowed to fail before the stage errors
+    # A rerun removes files that left a source only when at most this share of the source's files would go
+    # (and never when a source that listed images lists none); `force_prune` (or --force-prune) overrides.
+    max_prune_fraction: float = Field(default=0.05, ge=0, le=1)
+    force_prune: bool = False
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Ingest":
-        dupes = repeated([s.name for s in self.sources])
+        dupes = repeated([s.name.lower() for s in self.sources])  # folders must differ on case-insensitive disks
         if dupes:
-            raise ValueError(f"source names must be unique; repeated: {dupes} (set `name:` on each source)")
+            raise ValueError(f"source names must be unique (ignoring case); repeated: {dupes} (set `name:` on each source)")
         return self
 
 
@@ -103,6 +118,7 @@ class Dedupe(Strict):
 class Clean(Strict):
     indeterminate: Literal["drop", "benign", "malignant"] = "drop"
     min_side: int = Field(default=32, ge=1)  # images with a shorter side (px) are quarantined
+    max_pixels: int = Field(default=50_000_000, ge=1)  # width x height from the header; larger = quarantined, never decoded
     workers: int = Field(default=2, ge=1, le=64)  # decode threads (cv2.imdecode/hashlib release the GIL)
     check_declared_size: bool = True  # quarantine if decoded size != metadata pixels_x/pixels_y (either orientation)
     verify_checksum: bool = True  # quarantine if the bytes no longer match ingest's sha256 (or file_size)
@@ -143,6 +159,7 @@ class Preprocess(Strict):
     workers: int = Field(default=2, ge=1, le=64)
     png_compression: int = Field(default=1, ge=0, le=9)  # zlib level, lossless either way; 1 = fastest (RLE)
     max_failed_fraction: float = Field(default=0.05, ge=0, le=1)  # more failures than this fail the stage
+    max_pixels: int = Field(default=50_000_000, ge=1)  # header-checked cap; also stored for predict/serve/screen
 
 
 class Augment(Strict):
@@ -334,6 +351,10 @@ class UglyDuckling(Strict):
 class Params(Strict):
     """The whole params.yaml: one section per dvc.yaml stage, named exactly like it."""
 
+    def view(self, sections: "tuple[str, ...] | list[str]", stage: str = "") -> "SectionView":
+        """Only the named sections: a stage sees what its dvc.yaml `params:` declares, nothing else."""
+        return SectionView(self, tuple(sections), stage)
+
     ingest: Ingest
     dedupe: Dedupe = Dedupe()
     clean: Clean = Clean()
@@ -347,7 +368,7 @@ class Params(Strict):
     ugly_duckling: UglyDuckling = UglyDuckling()
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """params.yaml is missing, unreadable or invalid; the message names file, key path and what is allowed."""
 
 
@@ -397,18 +418,98 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: invalid params ({len(lines)} problem(s)):\n" + "\n".join(lines)) from None
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate params.yaml (once, before any work)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping (plain YAML silently keeps the last value)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | Path, what: str = "file") -> Any:
+    """Read a YAML file strictly: UTF-8 only, no duplicate keys; errors name the file and the line."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the project root or pass --params)") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a directory, expected a YAML {what}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                          "re-save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(data, str(path))
+
+
+def missing_keys(data: dict[str, Any]) -> list[str]:
+    """`section.key` paths a params mapping leaves to code defaults (list items such as sources may omit
+    their optional fields; every section key must be written out)."""
+    missing = []
+    for section, field in Params.model_fields.items():
+        given = data.get(section)
+        model = field.annotation
+        if not isinstance(given, dict):
+            missing.append(section)
+            continue
+        missing += [f"{section}.{k}" for k in model.model_fields if k not in given]
+    return missing
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, *, complete: bool = True) -> Params:
+    """Read and validate a params file (once, before any work).
+
+    A params file is complete: every key of every section is written out, so the file alone is the record of
+    a run (DVC tracks values in the file, not defaults in code) and a default changes only by editing it.
+    """
+    data = load_yaml(path, "params file")
+    params = parse_params(data, str(path))
+    if complete:
+        gaps = missing_keys(data)
+        if gaps:
+            shown = ", ".join(gaps[:12]) + (f", ... ({len(gaps)} in all)" if len(gaps) > 12 else "")
+            raise ParamsError(f"{path}: incomplete params; missing {shown}. Params files are complete records: "
+                              "copy the missing keys from params.yaml (`lesionflow params` prints a full file)")
+    return params
 
 
 def dump_params(params: Params) -> str:
     """The validated params as YAML, defaults filled in."""
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+class SectionView:
+    """The params sections one stage declared; reading any other section is an error naming the stage.
+
+    DVC reruns a stage only when a declared section changes, so a stage that read an undeclared section would
+    silently go stale; this view makes that mistake fail loudly in the first test that runs the stage.
+    """
+
+    def __init__(self, params: Params, sections: tuple[str, ...], stage: str = "") -> None:
+        unknown = [s for s in sections if s not in Params.model_fields]
+        if unknown:
+            raise ParamsError(f"unknown params section(s) {unknown}; sections: {', '.join(Params.model_fields)}")
+        self._params, self._sections, self._stage = params, sections, stage
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._sections:
+            who = f"stage {self._stage!r}" if self._stage else "this stage"
+            raise ParamsError(f"{who} reads params section {name!r} but declares only {list(self._sections)} "
+                              "(add it to the stage's `params:` in dvc.yaml and flows/stages.py)")
+        return getattr(self._params, name)

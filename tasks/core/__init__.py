@@ -1,0 +1,1 @@
+"""The core library: pure functions and the contracts every stage stands on (no stage imports here)."""
