@@ -40,8 +40,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tasks import dedupe as D  # noqa: E402
-from tasks.core.config import parse_params  # noqa: E402
+from flows import stages  # noqa: E402
+from tasks.core import neardup as N  # noqa: E402
+from tasks.core.config import Dedupe, parse_params  # noqa: E402
 from tasks.core.io import Paths, write_index  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -125,7 +126,7 @@ def bench_hash(real: Path, sizes: list[int], thumb_size: int) -> dict[str, Any]:
         jobs = [(str(i), str(p)) for i, p in enumerate(files[:n])]
         tracemalloc.start()
         t = time.process_time()
-        feats = D.compute_features(jobs, thumb_size, workers=1, chunk=10**9)
+        feats = N.compute_features(jobs, thumb_size, workers=1, chunk=10**9)
         cpu = time.process_time() - t
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
@@ -133,7 +134,7 @@ def bench_hash(real: Path, sizes: list[int], thumb_size: int) -> dict[str, Any]:
         out[f"measured_{n}"] = {"images": n, "cpu_s": round(cpu, 3), "ms_per_image": round(1000 * cpu / n, 3),
                                 "tracemalloc_peak_mb": round(peak / 2**20, 1), "decoded": int(feats.ok.sum())}
     with tempfile.TemporaryDirectory() as tmp:
-        cache = D.FeatureCache(Path(tmp), thumb_size)
+        cache = N.FeatureCache(Path(tmp), thumb_size)
         cache.add(feats)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
         t = time.perf_counter()
@@ -180,14 +181,14 @@ def bench_search(real_hashes: np.ndarray, sizes: list[int], radii: list[int], re
             h, src, dst = synth_hashes(real_hashes, n, r, rng)
             tracemalloc.start()
             t = time.process_time()
-            pairs = D.near_pairs(h, r, recall=recall, seed=0, brute_force_max=brute_force_max)
+            pairs = N.near_pairs(h, r, recall=recall, seed=0, brute_force_max=brute_force_max)
             cpu = time.process_time() - t
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             found = set(zip(pairs["i"].tolist(), pairs["j"].tolist()))
             hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), dst.tolist()))
             method = "exact" if len(np.unique(h, axis=0)) <= brute_force_max else "lsh"
-            k, tables = D.lsh_plan(n, r, recall)
+            k, tables = N.lsh_plan(n, r, recall)
             out[f"r={r},n={n}"] = {
                 "radius": r, "n": n, "method": method, "lsh_k": k if method == "lsh" else None,
                 "lsh_tables": tables if method == "lsh" else None, "cpu_s": round(cpu, 3),
@@ -299,22 +300,22 @@ def bench_quality(real: Path, dupes: Path, planted_n: int, configs: list[dict[st
             params = parse_params({"ingest": {"sources": [{"kind": "synthetic"}]},
                                    "dedupe": {**cfg, "workers": workers}})
             t = time.perf_counter()
-            D.run(params, paths)
+            stages.get("dedupe").run(params, paths)  # the whole stage, as `lesionflow stage dedupe` runs it
             wall = time.perf_counter() - t
             out = pd.read_parquet(paths.index("dedupe"))
-            summ = json.loads((paths.reports / "dedupe" / "summary.json").read_text())
+            stats = json.loads((paths.reports / "dedupe" / "run_stats.json").read_text())
             name = ",".join(f"{k}={v}" for k, v in cfg.items()) or "defaults"
             raw = score(out, photo, rgroup)
             results[name] = {**score(out, corrected(photo), rgroup),
                              "precision_vs_shipped_ground_truth": raw["precision"],
-                             "stage_wall_s": round(wall, 2), "timings_s": summ["timings_s"],
-                             "hashed_new": summ["cache"]["hashed_new"]}
+                             "stage_wall_s": round(wall, 2), "timings_s": stats["timings_s"],
+                             "hashed_new": stats["cache"]["hashed_new"]}
             # Verification cost per candidate, one thread, on the real merged set only (the production-like
             # mix: planted copies are all true pairs): accepted and rejected candidates separately.
             pairs = pd.read_csv(paths.stage("dedupe") / "pairs.csv")
             near = pairs[(pairs["kind"] == "near") & ~pairs["a"].str.startswith("planted")
                          & ~pairs["b"].str.startswith("planted")]
-            feats = D.FeatureCache(paths.cache / "dedupe", params.dedupe.thumb_size).load()
+            feats = N.FeatureCache(paths.cache / "dedupe", params.dedupe.thumb_size).load()
             pos = pd.Series(np.arange(len(feats)), index=feats.sha)
             sha = dict(zip(out["source"] + ":" + out["isic_id"], out["content_sha256"]))
             cost = {}
@@ -322,7 +323,7 @@ def bench_quality(real: Path, dupes: Path, planted_n: int, configs: list[dict[st
                 ij = pd.DataFrame({"i": pos[[sha[a] for a in part["a"]]].to_numpy(),
                                    "j": pos[[sha[b] for b in part["b"]]].to_numpy()})
                 t = time.process_time()
-                D.verify_pairs(feats.thumb, ij, params.dedupe.verify_corr_min, params.dedupe.verify_detail_min, 1)
+                N.verify_pairs(feats.thumb, ij, params.dedupe.verify_corr_min, params.dedupe.verify_detail_min, 1)
                 cost["accepted" if verdict else "rejected"] = ((time.process_time() - t) / len(ij), len(ij))
             verify_info[name] = {"real_mix_accepted": cost.get("accepted", (0, 0))[1],
                                  "real_mix_rejected": cost.get("rejected", (0, 0))[1],
@@ -365,7 +366,7 @@ def main() -> None:
         raise SystemExit(f"needs {args.real} and {args.dupes} (../shared/data)")
     sizes = [int(s) for s in args.sizes.split(",")]
     radii = [int(r) for r in args.radii.split(",")]
-    defaults = D.Dedupe()
+    defaults = Dedupe()
     import cv2
 
     report: dict[str, Any] = {

@@ -20,15 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout without installing
 
 from isic_client import IsicClient, download_images  # noqa: E402
-from tasks.fake.isic_server import running_server, write_sample_folder  # noqa: E402
+from tasks.fake.isic_folder import write_sample_folder  # noqa: E402
+from tasks.fake.isic_server import running_server  # noqa: E402
 
 DEFAULT_REAL = ROOT.parent / "shared" / "data" / "isic-real"
 
@@ -37,7 +38,8 @@ DEFAULT_REAL = ROOT.parent / "shared" / "data" / "isic-real"
 def server_process(root: Path, latency_ms: float) -> Iterator[str]:
     """`serve_forever` in a child process on ephemeral ports; yields the API base URL."""
     code = ("import sys; from pathlib import Path; from tasks.fake.isic_server import serve_forever; "
-            f"serve_forever(Path({str(root)!r}), host='127.0.0.1', port=0, latency_ms={latency_ms})")
+            f"serve_forever(Path({str(root)!r}), host='127.0.0.1', port=0, latency_ms={latency_ms}, "
+            "ready=lambda line: print(line, flush=True))")
     proc = subprocess.Popen([sys.executable, "-u", "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "benchmark": "isic_client.download_images from the local ISIC server",
         "root": str(root), "latency_ms": args.latency_ms, "server": "in-process" if args.in_process else "subprocess",
-        "fsync": not args.no_fsync, "repeats": args.repeats, "cpus": os.cpu_count(), "python": platform.python_version(),
+        "fsync": not args.no_fsync, "repeats": args.repeats, "cpus": os.cpu_count(),
+        "python": platform.python_version(),
         "results": rows,
     }, indent=2))
     return 0

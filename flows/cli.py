@@ -1,15 +1,29 @@
-"""`lesionflow`: the one console script (what dvc.yaml, people and the flows call)."""
+"""`lesionflow`: the one console script (what dvc.yaml, people and the flows call).
+
+Every known failure ends in ONE line on stderr, `error: ...`, naming the file / key / id and what to do next.
+Exit status: 0 ok, 2 bad input (params, files, arguments: tasks.core.errors.InputError), 1 anything else
+(a runtime failure). `--debug` (or LESIONFLOW_DEBUG=1) adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
-# Telemetry/update checks off before any library is imported (no network here, and none wanted in CI).
+from flows.stages import get as get_stage
+from tasks.core.config import Params, dump_params, load_params
+from tasks.core.errors import InputError, LesionflowError
+from tasks.core.io import Paths
+
+# Telemetry/update checks off before any heavy library (prefect, mlflow, dvc, tensorflow) is imported; they
+# are imported inside the commands that need them, so `lesionflow stage` (what DVC runs) stays quick.
 for _k, _v in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -19,35 +33,100 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+DEBUG_ENV = "LESIONFLOW_DEBUG"
+# = flows.pipeline.FORCE_PRUNE_ENV (a test keeps them equal; not imported: flows.pipeline pulls in prefect)
+FORCE_PRUNE_ENV = "LESIONFLOW_FORCE_PRUNE"
 
+
+class UsageError(InputError):
+    """The command line itself is wrong (unknown command or option, a missing or malformed argument)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (one `error:` line and exit 2 from main), not printed + exited."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+# --------------------------------------------------------------------------- output and errors
 def _emit(obj: object) -> None:
     """A command's result as stable JSON on stdout (what scripts and the flows parse)."""
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def _load(args: argparse.Namespace):
-    from tasks.core.config import ParamsError, load_params
+def one_line(exc: BaseException) -> str:
+    """The `error:` line for `exc`: its message on one line; unexpected errors also name their type and point
+    at --debug."""
+    text = getattr(exc, "summary", None) or str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else ""
+    known = isinstance(exc, LesionflowError) or any(c.__name__ == "IsicError" for c in type(exc).__mro__)
+    if known:
+        return msg or type(exc).__name__
+    hint = f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+    return f"{type(exc).__name__}: {msg} {hint}" if msg else f"{type(exc).__name__} {hint}"
 
-    try:
-        return load_params(args.params)
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+def exit_code(exc: BaseException) -> int:
+    """2 for bad input (InputError and its subclasses, usage errors), 1 for every other failure."""
+    if isinstance(exc, LesionflowError):
+        return int(exc.exit_code)
+    return 1
+
+
+class _NoTraceback(logging.Formatter):
+    """Wraps a console formatter so records print without their traceback (the UI's log handler keeps it)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _brief_console(args: argparse.Namespace) -> None:
+    """Without --debug, Prefect's console log shows no tracebacks: the final `error:` line says what failed.
+    Call after prefect is imported (importing it configures its handlers)."""
+    if args.debug:
+        return
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h).__name__ == "PrefectConsoleHandler" and not isinstance(h.formatter, _NoTraceback):
+                h.setFormatter(_NoTraceback(h.formatter))
+
+
+# --------------------------------------------------------------------------- params
+def _load(args: argparse.Namespace) -> Params:
+    return load_params(args.params)  # ParamsError (exit 2) names the file and every bad key
+
+
+def _force_prune(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "force_prune", False)) or os.environ.get(FORCE_PRUNE_ENV) == "1"
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from tasks.core.config import dump_params
-
     print(dump_params(_load(args)), end="")
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from flows.stages import get
-    from tasks.core.io import Paths
-
-    stage = get(args.name)
+    stage = get_stage(args.name)  # InputError listing the stages
     params = _load(args)  # validated before any work starts
+    if getattr(args, "force_prune", False) and stage.name != "ingest":
+        raise UsageError(f"--force-prune applies to the ingest stage only, not {stage.name!r}")
+    if stage.name == "ingest" and _force_prune(args):
+        from flows.pipeline import with_force_prune  # prefect: paid only when asked for
+
+        params = with_force_prune(params, str(args.params))
     summary = stage.run(params, Paths(Path(args.root).resolve()))
     _emit({"stage": stage.name, **(summary or {})})
     return 0
@@ -65,38 +144,49 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_isic_server(args: argparse.Namespace) -> int:
     from tasks.fake.isic_server import serve_forever
 
-    serve_forever(Path(args.root), host=args.host, port=args.port, latency_ms=args.latency_ms,
+    images = args.images
+    if images is None:
+        print("warning: `isic-server --root` is deprecated (everywhere else --root is the project root); "
+              "use --images", file=sys.stderr)
+        images = args.images_root
+    folder = Path(images)
+    if not (folder / "metadata.csv").is_file():
+        raise InputError(f"{folder / 'metadata.csv'}: not found; --images must be a folder of images + "
+                         "metadata.csv (as `lesionflow synth --out DIR` or `isic image download DIR` writes it)")
+    serve_forever(folder, host=args.host, port=args.port, latency_ms=args.latency_ms,
                   fail_rate=args.fail_rate, rate_limit_every=args.rate_limit_every,
-                  truncate_rate=args.truncate_rate, seed=args.seed)
+                  truncate_rate=args.truncate_rate, seed=args.seed, ready=lambda line: print(line, flush=True))
     return 0
 
 
 # --------------------------------------------------------------------------- orchestration (flows/*.py)
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import PipelineError, format_results, pipeline_flow, plan
+    from flows.pipeline import format_results, pipeline_flow, plan
 
-    try:
-        plan(Path(args.root), args.stages or None)  # config errors surface before Prefect starts its engine
-        results = pipeline_flow(root=args.root, params=args.params, executor=args.executor,
-                                stages=args.stages or None, force=args.force)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    _brief_console(args)
+    plan(Path(args.root), args.stages or None)  # config errors surface before Prefect starts its engine
+    results = pipeline_flow(root=args.root, params=args.params, executor=args.executor,
+                            stages=args.stages or None, force=args.force, force_prune=args.force_prune)
     print(format_results(results))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.pipeline import demo
+    from flows import demo
 
-    demo(Path(args.root), executor=args.executor, promote=not args.no_promote)
+    _brief_console(args)
+    root = Path(args.root)
+    print(demo.header(root, args.executor), flush=True)
+    out = demo.demo(root, executor=args.executor, promote=not args.no_promote)
+    print(demo.report(out))
     return 0
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
     from flows.nightly import nightly_flow
 
-    rec = nightly_flow(root=args.root, config=args.config, params=args.params)
+    _brief_console(args)
+    rec = nightly_flow(root=args.root, config=args.config, params=args.params, force_prune=args.force_prune)
     _emit(rec)
     return 0
 
@@ -104,13 +194,14 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows import deploy
 
+    _brief_console(args)
     root = Path(args.root).resolve()
     if args.dry_run:
         print(deploy.describe(root, args.config))
     elif args.pool:
-        deploy.deploy_to_pool(root, args.pool, args.config, args.gpu_limit)
+        deploy.deploy_to_pool(root, args.pool, args.config, args.gpu_limit, say=print)
     else:
-        deploy.serve(root, args.config, args.gpu_limit)
+        deploy.serve(root, args.config, args.gpu_limit, say=print)
     return 0
 
 
@@ -128,7 +219,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from flows.nightly import load_nightly, promote_now
+    from flows.nightly import load_nightly
+    from flows.promotion import promote_now
 
     root = Path(args.root).resolve()
     rec = promote_now(root, load_nightly(root / args.config), root / args.params, version=args.version,
@@ -137,16 +229,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- apps (flows/apps/*.py)
 def cmd_screen(args: argparse.Namespace) -> int:
-    from tasks.screen import screen_files
+    from flows.apps.screen import screen_files
 
-    summary = screen_files(args.images, args.out, args.model, root=Path(args.root).resolve())
+    summary = screen_files(args.images, args.out, args.model, root=Path(args.root).resolve(),
+                           max_pixels=args.max_pixels)
     _emit(summary)
     return 0
 
 
 def cmd_synth_widefield(args: argparse.Namespace) -> int:
-    from tasks.screen import synth_widefield
+    from tasks.fake.widefield import synth_widefield
 
     files = synth_widefield(args.out, args.n, args.seed)
     _emit({"images": len(files), "out": str(args.out)})
@@ -154,9 +248,9 @@ def cmd_synth_widefield(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tasks.predict import predict
+    from flows.apps.predict import predict
 
-    summary = predict(args.model, args.inputs, args.out, root=Path(args.root).resolve())
+    summary = predict(args.model, args.inputs, args.out, root=Path(args.root).resolve(), max_pixels=args.max_pixels)
     _emit(summary)
     return 0
 
@@ -167,17 +261,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.model, Path(args.root).resolve(), host=args.host, port=args.port)
 
 
+# --------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lesionflow", description=__doc__)
+    p = Parser(prog="lesionflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--root", default=".", help="project root holding data/ (default: .)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("--root", default=".", help="project root holding dvc.yaml, data/ and reports/ (default: .)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of a failure (same as {DEBUG_ENV}=1)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    force_prune_help = ("let ingest remove images its sources no longer list (sets ingest.force_prune=true for "
+                        "this run only)")
 
     s = sub.add_parser("params", help="print the validated params (defaults filled in)")
     s.set_defaults(func=cmd_params)
 
     s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
     s.add_argument("name")
+    s.add_argument("--force-prune", action="store_true", help=force_prune_help + " (ingest only)")
     s.set_defaults(func=cmd_stage)
 
     s = sub.add_parser("synth", help="write an ISIC-style folder of synthetic lesions")
@@ -190,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("isic-server", help="serve an ISIC-style folder over the ISIC API v2 (offline)")
-    s.add_argument("--root", dest="root", required=True, help="folder with images + metadata.csv")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", help="folder with images + metadata.csv")
+    where.add_argument("--root", dest="images_root", help=argparse.SUPPRESS)  # deprecated name of --images
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--latency-ms", type=float, default=0.0)
@@ -205,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dvc: `dvc repro --single-item` per stage (default); inprocess: call run() directly")
     s.add_argument("--stages", nargs="+", metavar="STAGE", help="only these stages (still in dvc.yaml order)")
     s.add_argument("--force", action="store_true", help="rerun even if up to date (dvc repro --force)")
+    s.add_argument("--force-prune", action="store_true",
+                   help=force_prune_help + "; ingest must run: add --force if DVC finds it up to date")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("demo", help="the whole DAG on the embedded synthetic source, then promote; says where to look")
@@ -215,12 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("nightly", help="one nightly run now: refresh, reproduce if stale, gate the champion")
     s.add_argument("--config", default="nightly.yaml")
+    s.add_argument("--force-prune", action="store_true", help=force_prune_help)
     s.set_defaults(func=cmd_nightly)
 
-    s = sub.add_parser("deploy", help="serve the nightly (cron) and pipeline deployments (needs `prefect server start`)")
+    s = sub.add_parser("deploy",
+                       help="serve the nightly (cron) and pipeline deployments (needs `prefect server start`)")
     s.add_argument("--config", default="nightly.yaml")
     s.add_argument("--pool", help="register on this work pool instead of serving (then: prefect worker start --pool P)")
-    s.add_argument("--gpu-limit", type=int, default=1, help="slots of the `gpu` concurrency limit (created if absent)")
+    s.add_argument("--gpu-limit", type=_positive_int, default=1,
+                   help="slots of the `gpu` concurrency limit (created if absent)")
     s.add_argument("--dry-run", action="store_true", help="print the deployments and schedules; no server needed")
     s.set_defaults(func=cmd_deploy)
 
@@ -239,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="models",
                    help="models/ folder, a .keras file, runs:/ID/model or models:/lesionflow-classifier@champion")
     s.add_argument("--out", required=True, help="CSV: isic_id, path, probability_malignant, prediction, error")
+    s.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="refuse images larger than this (default: the model's preprocess.max_pixels)")
     s.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     s.set_defaults(func=cmd_predict)
 
@@ -247,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for <stem>_screen.png (annotated) and <stem>_screen.csv")
     s.add_argument("--model", default="models",
                    help="models/ folder, .keras file or runs:/ models:/ URI; 'none' = ranks from hand-made features")
+    s.add_argument("--max-pixels", type=_positive_int, default=None,
+                   help="refuse photos larger than this (default: the model's preprocess.max_pixels)")
     s.set_defaults(func=cmd_screen)
 
     s = sub.add_parser("synth-widefield", help="write synthetic wide-field photos (one odd lesion) + truth JSON")
@@ -264,8 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    """Parse, run one command, turn any failure into one `error:` line and an exit status (see the docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        args.debug = debug = debug or args.debug
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

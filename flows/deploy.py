@@ -9,12 +9,21 @@ Two ways to run them, both need a real Prefect server (`prefect server start`, P
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.nightly import NIGHTLY_FILE, Nightly, load_nightly
-from flows.pipeline import GPU_LIMIT
+from flows.nightly import NIGHTLY_FILE, Nightly, load_nightly, nightly_flow
+from flows.pipeline import GPU_LIMIT, pipeline_flow
+from tasks.core.errors import RunError
+
+log = logging.getLogger(__name__)
+
+
+class NoServerError(RunError):
+    """No Prefect server is configured (the temporary one cannot hold schedules or work pools)."""
 
 
 def schedules(cfg: Nightly) -> list[Any]:
@@ -27,9 +36,6 @@ def schedules(cfg: Nightly) -> list[Any]:
 def build_deployments(root: Path, cfg: Nightly, config: str = NIGHTLY_FILE) -> list[Any]:
     """RunnerDeployments for `serve` (no server needed to build them, so tests can check the schedule)."""
     from prefect.deployments.runner import EntrypointType
-
-    from flows.nightly import nightly_flow
-    from flows.pipeline import pipeline_flow
 
     # Module entrypoints (flows.nightly.nightly_flow): the installed package is found from any working directory,
     # where a file entrypoint is relative to wherever `lesionflow deploy` was started.
@@ -52,8 +58,8 @@ def require_server() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise SystemExit("no Prefect server configured: start one with `prefect server start` and set "
-                         "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
+        raise NoServerError("no Prefect server configured: start one with `prefect server start` and set "
+                            "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
     return url
 
 
@@ -67,26 +73,26 @@ def ensure_gpu_limit(limit: int = 1) -> str:
     return f"tag concurrency limit {GPU_LIMIT!r}: {limit} task run(s) at a time"
 
 
-def serve(root: Path, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> None:
-    """Serve both deployments from this process until interrupted (Ctrl-C pauses their schedules)."""
+def serve(root: Path, config: str = NIGHTLY_FILE, gpu_limit: int = 1, say: Callable[[str], None] = log.info) -> None:
+    """Serve both deployments from this process until interrupted (Ctrl-C pauses their schedules); `say`
+    receives the progress lines (the CLI prints them)."""
     from prefect import serve as prefect_serve
 
     cfg = load_nightly(root / config)
-    print(f"Prefect API: {require_server()}")
-    print(ensure_gpu_limit(gpu_limit))
+    say(f"Prefect API: {require_server()}")
+    say(ensure_gpu_limit(gpu_limit))
     prefect_serve(*build_deployments(root, cfg, config))
 
 
-def deploy_to_pool(root: Path, pool: str, config: str = NIGHTLY_FILE, gpu_limit: int = 1) -> list[str]:
+def deploy_to_pool(root: Path, pool: str, config: str = NIGHTLY_FILE, gpu_limit: int = 1,
+                   say: Callable[[str], None] = log.info) -> list[str]:
     """Register both deployments on work pool `pool`, code pulled from this checkout (a process pool needs no
     image); returns the deployment ids."""
     from prefect import flow as prefect_flow
 
-    from flows.nightly import nightly_flow  # noqa: F401  (import check before the server round trips)
-
     cfg = load_nightly(root / config)
-    print(f"Prefect API: {require_server()}")
-    print(ensure_gpu_limit(gpu_limit))
+    say(f"Prefect API: {require_server()}")
+    say(ensure_gpu_limit(gpu_limit))
     root_s = str(root.resolve())
     ids = []
     for entry, name, kw in (
@@ -97,7 +103,7 @@ def deploy_to_pool(root: Path, pool: str, config: str = NIGHTLY_FILE, gpu_limit:
         f = prefect_flow.from_source(source=root_s, entrypoint=entry)
         ids.append(str(f.deploy(name=name, work_pool_name=pool, tags=["lesionflow"], print_next_steps=False,
                                 build=False, push=False, **kw)))
-    print(f"deployed to pool {pool!r}; start a worker with: prefect worker start --pool {pool}")
+    say(f"deployed to pool {pool!r}; start a worker with: prefect worker start --pool {pool}")
     return ids
 
 

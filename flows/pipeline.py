@@ -11,18 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
 
 from flows import stages as registry
+from tasks.core.config import Params, load_params, parse_params
+from tasks.core.errors import InputError, RunError
+from tasks.core.io import Paths
 
 DVC_FILE = "dvc.yaml"
 # Tag of the GPU stages; a Prefect tag concurrency limit on it (`prefect concurrency-limit create gpu 1`, or
@@ -33,10 +38,40 @@ GPU_LIMIT = "gpu"
 Executor = Literal["dvc", "inprocess"]
 # Loggers of stage code forwarded into Prefect's run logs by the in-process executor.
 STAGE_LOGGERS = ("tasks", "isic_client")
+# Set to 1 for the stage subprocesses of one run: `lesionflow stage ingest` then runs with
+# ingest.force_prune=true (the CLI's --force-prune), without editing params.yaml.
+FORCE_PRUNE_ENV = "LESIONFLOW_FORCE_PRUNE"
+# A stage's own exit code as DVC reports it ("... failed to run: lesionflow stage x, exited with 2").
+_DVC_EXIT = re.compile(r"exited with (-?\d+)")
 
 
-class PipelineError(RuntimeError):
-    """dvc.yaml and the stage registry disagree, or a stage failed; the message says which and why."""
+class PipelineError(RunError):
+    """dvc.yaml and the stage registry disagree, or a stage failed; the message says which and why.
+
+    `summary` is the one-line message (what the CLI prints); `output` holds the stage's last output lines,
+    which str() appends so a Prefect UI or a traceback shows them too.
+    """
+
+    def __init__(self, summary: str, *, stage: str | None = None, output: Sequence[str] = ()) -> None:
+        super().__init__(summary)
+        self.stage = stage
+        self.output = list(output)
+
+    @property
+    def summary(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        if not self.output:
+            return self.summary
+        return self.summary + "\nlast output:\n" + "\n".join(self.output)
+
+
+class PipelineInputError(PipelineError, InputError):
+    """The run was asked for something that cannot work (unknown stage, wrong params file, no dvc.yaml), or a
+    stage rejected its input (it exited 2); fixing the input fixes the run (exit 2, never retried)."""
+
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------- plan (pure, no Prefect)
@@ -46,10 +81,12 @@ def read_dvc_stages(root: Path | str) -> dict[str, dict[str, Any]]:
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise PipelineError(f"{path}: not found (run from the project root or pass --root)") from None
-    stages = (doc or {}).get("stages")
+        raise PipelineInputError(f"{path}: not found (run from the project root or pass --root)") from None
+    except yaml.YAMLError as exc:
+        raise PipelineInputError(f"{path}: not valid YAML ({exc}); fix the file") from None
+    stages = (doc or {}).get("stages") if isinstance(doc, dict) else None
     if not isinstance(stages, dict) or not stages:
-        raise PipelineError(f"{path}: has no `stages:` mapping")
+        raise PipelineInputError(f"{path}: has no `stages:` mapping")
     return stages
 
 
@@ -81,7 +118,7 @@ def plan(root: Path | str, only: Sequence[str] | None = None,
         return order
     unknown = [n for n in only if n not in order]
     if unknown:
-        raise PipelineError(f"unknown stage(s) {unknown}; stages: {', '.join(order)}")
+        raise PipelineInputError(f"unknown stage(s) {unknown}; stages: {', '.join(order)}")
     return [n for n in order if n in only]
 
 
@@ -142,8 +179,28 @@ def read_metrics(root: Path, stage: str) -> dict[str, Any]:
         return {}
 
 
+def with_force_prune(params: Params, source: str = "params.yaml") -> Params:
+    """`params` with ingest.force_prune=true (Params is frozen: rebuilt through the one parser)."""
+    data = params.model_dump(mode="json")
+    data["ingest"] = {**data["ingest"], "force_prune": True}
+    return parse_params(data, f"{source} (with --force-prune)")
+
+
+def stage_failure(stage: str, rc: int, last: Sequence[str]) -> PipelineError:
+    """The error for a failed `dvc repro` of `stage`: one summary line carrying the stage's own `error:` line
+    (what the CLI prints), the output tail attached. A stage that exited 2 rejected its input."""
+    own = next((ln.strip() for ln in reversed(last) if ln.strip().startswith("error: ")), None)
+    codes = _DVC_EXIT.findall("\n".join(last))
+    child = int(codes[-1]) if codes else None
+    summary = f"stage {stage!r} failed (`dvc repro --single-item {stage}` exited {rc})"
+    summary += f": {own[len('error: '):]}" if own else "; its output is in the log above"
+    cls = PipelineInputError if child == 2 else PipelineError
+    return cls(summary, stage=stage, output=list(last)[-15:])
+
+
 # --------------------------------------------------------------------------- executors
-def execute_dvc(stage: str, root: Path, force: bool, emit: Callable[[str], None]) -> dict[str, Any]:
+def execute_dvc(stage: str, root: Path, force: bool, emit: Callable[[str], None],
+                force_prune: bool = False) -> dict[str, Any]:
     """Reproduce one stage with DVC; `ran` is False when DVC found it up to date and skipped it."""
     skipped = False
 
@@ -153,12 +210,16 @@ def execute_dvc(stage: str, root: Path, force: bool, emit: Callable[[str], None]
         emit(line)
 
     t0 = time.perf_counter()
+    env = {}
     run_id = pipeline_run_id()
-    rc, last = stream(dvc_command(stage, force), root, watch, env={RUN_ENV: run_id} if run_id else None)
+    if run_id:
+        env[RUN_ENV] = run_id
+    if force_prune:
+        env[FORCE_PRUNE_ENV] = "1"
+    rc, last = stream(dvc_command(stage, force), root, watch, env=env or None)
     seconds = round(time.perf_counter() - t0, 2)
     if rc != 0:
-        raise PipelineError(f"stage {stage!r}: `dvc repro --single-item {stage}` exited {rc}; last output:\n"
-                            + "\n".join(last[-15:]))
+        raise stage_failure(stage, rc, last)
     ran = not skipped
     return {"stage": stage, "executor": "dvc", "ran": ran, "seconds": seconds,
             "metrics": read_metrics(root, stage)}
@@ -188,12 +249,12 @@ def forward_logs(target: logging.Logger | logging.LoggerAdapter) -> Iterator[Non
             lg.removeHandler(handler)
 
 
-def execute_inprocess(stage: str, root: Path, params_file: Path, logger: Any) -> dict[str, Any]:
+def execute_inprocess(stage: str, root: Path, params_file: Path, logger: Any,
+                      force_prune: bool = False) -> dict[str, Any]:
     """Call the stage's `run(params, paths)` in this process (tests, debugging); dvc.lock is not updated."""
-    from tasks.core.config import load_params
-    from tasks.core.io import Paths
-
     params = load_params(params_file)  # validated per stage: a bad edit fails before that stage's work
+    if force_prune and stage == "ingest":
+        params = with_force_prune(params, str(params_file))
     t0 = time.perf_counter()
     with forward_logs(logger):
         summary = registry.STAGES[stage].run(params, Paths(root))
@@ -206,51 +267,59 @@ def execute_inprocess(stage: str, root: Path, params_file: Path, logger: Any) ->
 # --------------------------------------------------------------------------- Prefect
 @task(log_prints=True)
 def run_stage(name: str, root: str, executor: Executor = "dvc", params: str = "params.yaml",
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, force_prune: bool = False) -> dict[str, Any]:
     """One pipeline stage as a Prefect task (named like the stage by `stage_task`)."""
     logger = get_run_logger()
     stage = registry.STAGES[name]
     root_p = Path(root).resolve()
     logger.info("stage %s (executor=%s, tags=%s)", name, executor, list(stage.tags))
     if executor == "dvc":
-        result = execute_dvc(name, root_p, force, lambda line: logger.info("%s", line))
+        result = execute_dvc(name, root_p, force, lambda line: logger.info("%s", line), force_prune)
     elif executor == "inprocess":
-        result = execute_inprocess(name, root_p, root_p / params, logger)
+        result = execute_inprocess(name, root_p, root_p / params, logger, force_prune)
     else:
-        raise PipelineError(f"unknown executor {executor!r}; use dvc or inprocess")
+        raise PipelineInputError(f"unknown executor {executor!r}; use dvc or inprocess")
     logger.info("stage %s %s in %.1f s", name, "ran" if result["ran"] else "was up to date", result["seconds"])
     return result
 
 
+def retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: bad input (params, an unknown stage, a stage that exited 2) fails the same way
+    every time, so only other failures are retried."""
+    return not isinstance(getattr(state, "data", None), InputError)
+
+
 def stage_task(stage: registry.Stage, network_retries: int = 2, retry_delay_seconds: float = 30.0):
     """The Prefect task for one stage: its name, its registry tags (`gpu` -> the tag concurrency limit),
-    retries when it touches the network."""
+    retries when it touches the network (never for bad input)."""
     retries = network_retries if "network" in stage.tags else 0
     return run_stage.with_options(name=stage.name, task_run_name=stage.name, tags=list(stage.tags),
-                                  retries=retries, retry_delay_seconds=retry_delay_seconds)
+                                  retries=retries, retry_delay_seconds=retry_delay_seconds,
+                                  retry_condition_fn=retryable)
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(root: str = ".", params: str = "params.yaml", executor: Executor = "dvc",
                   stages: list[str] | None = None, force: bool = False, network_retries: int = 2,
-                  retry_delay_seconds: float = 30.0) -> list[dict[str, Any]]:
-    """Run the dvc.yaml stages in order (all, or `stages`), each a Prefect task; stop at the first failure."""
+                  retry_delay_seconds: float = 30.0, force_prune: bool = False) -> list[dict[str, Any]]:
+    """Run the dvc.yaml stages in order (all, or `stages`), each a Prefect task; stop at the first failure.
+    `force_prune` runs ingest with ingest.force_prune=true (lets it prune images its sources stopped listing)."""
     root_p = Path(root).resolve()
     if executor == "dvc" and Path(params).name != "params.yaml":
         # dvc.yaml's `params: [<stage>]` always reads params.yaml: another file would run unrecorded params.
-        raise PipelineError(f"--params {params}: the dvc executor reads params.yaml only; copy your file there "
-                            "or use --executor inprocess")
+        raise PipelineInputError(f"--params {params}: the dvc executor reads params.yaml only; copy your file "
+                                 "there or use --executor inprocess")
     order = plan(root_p, stages)
     logger = get_run_logger()
     logger.info("plan: %s (executor=%s, root=%s)", " -> ".join(order), executor, root_p)
     results = []
     for name in order:
         t = stage_task(registry.STAGES[name], network_retries, retry_delay_seconds)
-        results.append(t(name, str(root_p), executor, params, force))
+        results.append(t(name, str(root_p), executor, params, force, force_prune))
     return results
 
 
-# --------------------------------------------------------------------------- reporting / demo
+# --------------------------------------------------------------------------- reporting
 def format_results(results: Sequence[Mapping[str, Any]]) -> str:
     """A small table of what each stage did, for the CLI."""
     lines = [f"{'stage':<16}{'status':<14}{'seconds':>9}  metrics"]
@@ -266,60 +335,8 @@ def _scalars(d: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(v, (int, float, str, bool))}
 
 
-def where_to_look(root: Path) -> list[str]:
-    """Pointers to the outputs a newcomer wants after a run: metrics, plots, tracking UI."""
-    rep = root / "reports"
-    plots = sorted(p.relative_to(root).as_posix() for p in rep.rglob("*") if p.suffix in (".png", ".svg", ".html")) \
-        if rep.exists() else []
-    out = [f"metrics: {', '.join(sorted(p.relative_to(root).as_posix() for p in rep.glob('*/metrics.json')))}"
-           if rep.exists() else "metrics: (none yet)",
-           f"plots:   {', '.join(plots[:12])}{' ...' if len(plots) > 12 else ''}" if plots else "plots:   (none yet)",
-           "compare: dvc metrics show   |   dvc plots show --json   |   dvc dag",
-           "MLflow:  lesionflow ui   (= " + " ".join(mlflow_ui_command()) + ")",
-           "Prefect: prefect server start, then PREFECT_API_URL=http://127.0.0.1:4200/api lesionflow run "
-           "(runs show live in http://127.0.0.1:4200)"]
-    return out
-
-
 def mlflow_ui_command(host: str = "127.0.0.1", port: int | None = None) -> list[str]:
     """The `mlflow ui` command over the project's tracking store (run from the project root)."""
     cmd = ["mlflow", "ui", "--backend-store-uri", "sqlite:///mlruns/mlflow.db",
            "--default-artifact-root", "mlruns/artifacts", "--host", host]
     return cmd + ["--port", str(port)] if port else cmd
-
-
-def _is_dvc_project(root: Path) -> bool:
-    """DVC needs its own dir and a git repo (a tarball without .git falls back to the in-process executor)."""
-    git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
-    return (root / ".dvc").is_dir() and git.returncode == 0
-
-
-def demo(root: Path, executor: Executor | None = None, promote: bool = True) -> dict[str, Any]:
-    """`lesionflow demo`: the whole DAG on the default params through the pipeline flow, then the promotion
-    gate (the first model becomes champion), then where to look. Returns what it printed, as data."""
-    root = root.resolve()
-    executor = executor or ("dvc" if _is_dvc_project(root) else "inprocess")
-    t0 = time.perf_counter()
-    print(f"lesionflow demo: {len(plan(root))} stages ({' -> '.join(plan(root))}), executor={executor}, root={root}")
-    results = pipeline_flow(root=str(root), executor=executor)
-    seconds = round(time.perf_counter() - t0, 1)
-    print("\n" + format_results(results))
-    promotion: dict[str, Any] | None = None
-    if promote:
-        from flows.nightly import load_nightly, promote_now
-
-        try:
-            promotion = promote_now(root, load_nightly(root / "nightly.yaml"), root / "params.yaml", trigger="demo")
-        except ModuleNotFoundError as exc:  # no train/evaluate stage in this checkout yet
-            print(f"\nno model registry yet ({exc.name} missing): nothing to register or promote")
-    if promotion:
-        ch = promotion.get("challenger") or {}
-        print(f"\npromotion: {promotion['verdict']} ({'; '.join(promotion['reasons'])})")
-        if ch.get("version") is not None:
-            print(f"champion: {promotion['model']} version "
-                  f"{ch['version'] if promotion['applied'] else (promotion.get('champion') or {}).get('version')}"
-                  f" (models:/{promotion['model']}@{promotion['alias']}); log: reports/promotion_log.jsonl")
-    print(f"\ndone in {seconds:.0f} s. Where to look:")
-    for line in where_to_look(root):
-        print("  " + line)
-    return {"results": results, "promotion": promotion, "seconds": seconds, "executor": executor}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import logging
 import os
 import re
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -23,18 +25,20 @@ from isic_client.models import (
 )
 from isic_client.retry import (
     ISIC_RETRY,
+    InsecureTokenError,
     IsicApiError,
     IsicError,
     IsicTimeoutError,
     IsicTransportError,
     RetryPolicy,
     TruncatedBody,
+    check_timeout,
 )
 
 __all__ = ["IsicClient", "IsicApiError", "IsicError", "IsicTimeoutError", "IsicTransportError",
-           "explain_query_error"]
+           "InsecureTokenError", "explain_query_error", "is_loopback"]
 
-log = logging.getLogger("isic_client")
+log = logging.getLogger(__name__)
 
 USER_AGENT = "lesionflow-isic-client/0.1"
 MAX_PAGE = 100  # the API clamps `limit` to 100 anyway
@@ -43,6 +47,17 @@ MAX_PAGE = 100  # the API clamps `limit` to 100 anyway
 def _origin(url: str) -> tuple[str, str]:
     p = urlsplit(url)
     return p.scheme.lower(), p.netloc.lower()
+
+
+def is_loopback(url: str) -> bool:
+    """Whether `url`'s host is this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def query_fields(query: str) -> list[str]:
@@ -85,8 +100,14 @@ class IsicClient:
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https:// (got {base_url!r})")
+        if token and base_url.startswith("http://") and not is_loopback(base_url):
+            # Anyone on the path could read a bearer token sent in clear; only this machine is exempt.
+            raise InsecureTokenError(
+                f"refusing to send the ISIC token over plain http to {urlsplit(base_url).hostname!r}: use an "
+                "https:// base_url, or unset the token variable to go anonymous (http is allowed for a token "
+                "only to localhost / 127.0.0.1 / ::1)")
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.retry = retry
         self.session = session or requests.Session()
         self.session.headers.setdefault("Accept", "application/json")
@@ -95,7 +116,7 @@ class IsicClient:
         self._collections: list[Collection] | None = None
 
     @classmethod
-    def from_env(cls, base_url: str, token_env: str = "ISIC_TOKEN", **kw: Any) -> "IsicClient":
+    def from_env(cls, base_url: str, token_env: str = "ISIC_TOKEN", **kw: Any) -> IsicClient:
         """Anonymous unless the environment variable `token_env` holds a token."""
         return cls(base_url, token=os.environ.get(token_env) or None, **kw)
 

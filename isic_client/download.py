@@ -8,24 +8,25 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Sized
+from collections.abc import Iterable, Sized
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from isic_client.models import Image, validate_isic_id
-from isic_client.retry import ISIC_RETRY, IsicError, RetryPolicy, TruncatedBody
+from isic_client.retry import ISIC_RETRY, IsicError, RetryPolicy, TruncatedBody, check_timeout
 
 __all__ = ["DownloadReport", "download_images", "target_path", "PARTIAL_PREFIX"]
 
-log = logging.getLogger("isic_client")
+log = logging.getLogger(__name__)
 
 PARTIAL_PREFIX = ".isic-partial."  # temp files: .isic-partial.<isic_id>.<random>; never a final name
+FILE_MODE = 0o644  # downloaded images are shared data, like every other output (mkstemp would leave 0600)
 CHUNK = 1 << 20
 _EXT_RE = re.compile(r"[a-z0-9]{1,5}")
 
@@ -128,6 +129,7 @@ def _fetch(
                     if fsync:
                         fh.flush()
                         os.fsync(fh.fileno())
+                os.chmod(tmp, FILE_MODE)
                 os.replace(tmp, dest)  # atomic: the final name only ever holds a complete file
                 written = n
             except BaseException:
@@ -159,6 +161,7 @@ def download_images(
 
     `images` may be a lazy iterator (e.g. `client.search(...)`): downloads start while pages still arrive.
     Interrupting (KeyboardInterrupt) stops the workers and leaves no partial file under a final name."""
+    timeout = check_timeout(timeout)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = max(1, int(workers))

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Callable
 
 import requests
 
-log = logging.getLogger("isic_client")
+log = logging.getLogger(__name__)
+
+MAX_TIMEOUT = 3600.0  # seconds; a longer (connect or read) timeout is a mistake, not a policy
 
 
 # --------------------------------------------------------------------------- errors
@@ -38,6 +41,26 @@ class IsicTransportError(IsicError):
 
 class IsicTimeoutError(IsicTransportError):
     """The server accepted no connection or sent nothing within the (connect, read) timeout."""
+
+
+class InsecureTokenError(IsicError, ValueError):
+    """A token would go over plain http to a host that is not this machine."""
+
+
+def check_timeout(timeout: object) -> tuple[float, float]:
+    """(connect, read) seconds, both finite and in (0, MAX_TIMEOUT]; a single number is used for both.
+
+    requests waits forever on `timeout=None` (and on inf), so a hung server would hang the pipeline."""
+    pair = (timeout, timeout) if isinstance(timeout, (int, float)) else timeout
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ValueError(f"timeout must be seconds or a (connect, read) pair of seconds, got {timeout!r}")
+    out = []
+    for t in pair:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 < t <= MAX_TIMEOUT:
+            raise ValueError(f"timeout {timeout!r}: each value must be a finite number of seconds in "
+                             f"(0, {MAX_TIMEOUT:g}]")
+        out.append(float(t))
+    return out[0], out[1]
 
 
 class TruncatedBody(IsicError):
@@ -74,8 +97,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if when is None:
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
     return max(0.0, (when - now).total_seconds())
 
 
@@ -98,12 +121,14 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_retries < 0 or self.backoff_base < 0 or self.backoff_cap < 0:
             raise ValueError("max_retries, backoff_base and backoff_cap must be >= 0")
+        if not all(math.isfinite(x) for x in (self.backoff_base, self.backoff_cap, self.retry_after_max)):
+            raise ValueError("backoff_base, backoff_cap and retry_after_max must be finite")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError("jitter must be in [0, 1]")
         if self.rng is None:
             object.__setattr__(self, "rng", random.Random(self.seed))
 
-    def replace(self, **changes: object) -> "RetryPolicy":
+    def replace(self, **changes: object) -> RetryPolicy:
         """A copy with some fields changed (a fresh RNG unless `rng` is given)."""
         changes.setdefault("rng", None)
         return replace(self, **changes)  # type: ignore[arg-type]

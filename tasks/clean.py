@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,13 @@ import numpy as np
 import pandas as pd
 
 from tasks.core.config import Clean, Params
-from tasks.core.io import Paths, atomic_path, progress, read_index, write_index, write_json, write_table
+from tasks.core.errors import InputError
+from tasks.core.images import DEFAULT_MAX_PIXELS, ImageRejected, decode, probe_size, truncation
+from tasks.core.io import Paths, atomic_path, read_index, write_index, write_json, write_run_stats, write_table
 from tasks.core.labels import label_of, target_of
+from tasks.core.parallel import parallel_map
+
+log = logging.getLogger(__name__)
 
 STAGE = "clean"
 INPUT_STAGE = "dedupe"
@@ -60,10 +65,13 @@ _MISSING_WORDS = {"", "nan", "none", "null", "na", "n/a", "unknown", "unk", "?",
 SEX_MAP = {"male": "male", "m": "male", "man": "male", "female": "female", "f": "female", "woman": "female"}
 
 QUARANTINE_REASONS = ("missing_file", "unreadable", "empty_file", "checksum_mismatch", "truncated",
-                      "undecodable", "too_small", "size_mismatch")
+                      "undecodable", "corrupt", "too_large", "too_small", "size_mismatch")
+# tasks.core.images.ImageRejected reasons -> clean's quarantine reasons (names kept from earlier releases).
+_REJECTED_AS = {"unreadable": "undecodable", "corrupt": "corrupt", "too_large": "too_large",
+                "too_small": "too_small", "not_a_file": "missing_file"}
 
 
-class SchemaError(ValueError):
+class SchemaError(InputError):
     """The input/output table breaks the index contract; the message names the column and the rows."""
 
 
@@ -210,45 +218,28 @@ class ImageCheck:
     height: int = 0
 
 
-def _jpeg_truncated(data: bytes) -> bool:
-    """A JPEG is cut short if it has a start-of-scan but no EOI marker after the last one.
-
-    OpenCV 4.x's imdecode grey-fills a truncated JPEG (libjpeg only warns "Premature end of JPEG file");
-    5.0 returns None (measured). pyproject allows both, so truncation is detected here, version-independent
-    and with its own reason. Entropy-coded data byte-stuffs 0xFF, so FFD9 cannot occur inside a scan; an
-    EXIF thumbnail's own EOI comes before the main SOS; trailing junk after EOI is tolerated. A file with
-    no SOS at all (cut inside the headers, or noise behind a JPEG signature) is left to the decoder.
-    """
-    sos = data.rfind(b"\xff\xda")
-    return sos >= 0 and data.find(b"\xff\xd9", sos + 2) < 0
-
-
-def _png_complete(data: bytes) -> bool:
-    return data.rfind(b"IEND") >= 0
-
-
 def check_image_bytes(data: bytes, min_side: int, expected: tuple[float, float] | None = None,
-                      sha256: str | None = None, file_size: float | None = None) -> ImageCheck:
-    """Decode check of one image's bytes: checksum, completeness, decodability, size (pure, no I/O)."""
-    import cv2
-
+                      sha256: str | None = None, file_size: float | None = None,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
+    """Decode check of one image's bytes: checksum, completeness, header size cap, damaged scan data,
+    decodability, size (pure, no I/O). The pixel cap is checked on the header, before any pixel is decoded."""
     if not data:
         return ImageCheck("empty_file", "0 bytes")
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         return ImageCheck("checksum_mismatch", "content differs from the sha256 recorded at ingest")
     if not sha256 and file_size is not None and not np.isnan(file_size) and int(file_size) != len(data):
         return ImageCheck("checksum_mismatch", f"{len(data)} bytes, ingest recorded {int(file_size)}")
-    if data[:2] == b"\xff\xd8" and _jpeg_truncated(data):
-        return ImageCheck("truncated", f"JPEG without end-of-image marker after its last scan ({len(data)} bytes)")
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and not _png_complete(data):
-        return ImageCheck("truncated", f"PNG without IEND chunk ({len(data)} bytes)")
-    # IGNORE_ORIENTATION: we check the stored raster; EXIF rotation would swap w/h against pixels_x/pixels_y.
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None or img.size == 0:
-        return ImageCheck("undecodable", f"OpenCV cannot decode {len(data)} bytes (magic {data[:4].hex()})")
+    cut = truncation(data)
+    if cut:
+        return ImageCheck("truncated", cut)
+    # The stored raster is checked (EXIF orientation ignored): rotation would swap w/h against pixels_x/y.
+    try:
+        img = decode(data, max_pixels=max_pixels, min_side=min_side, apply_orientation=False)
+    except ImageRejected as exc:
+        size = probe_size(data) if exc.reason == "too_small" else None
+        w, h = size if size else (0, 0)
+        return ImageCheck(_REJECTED_AS[exc.reason], str(exc), w, h)
     h, w = img.shape[:2]
-    if min(h, w) < min_side:
-        return ImageCheck("too_small", f"{w}x{h} < min_side {min_side}", w, h)
     if expected is not None:
         ex, ey = expected
         if not (np.isnan(ex) or np.isnan(ey)) and (int(ex), int(ey)) not in ((w, h), (h, w)):
@@ -257,7 +248,8 @@ def check_image_bytes(data: bytes, min_side: int, expected: tuple[float, float] 
 
 
 def check_image_file(path: Path, min_side: int, expected: tuple[float, float] | None = None,
-                     sha256: str | None = None, file_size: float | None = None) -> ImageCheck:
+                     sha256: str | None = None, file_size: float | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
     """Read and check one file; never raises (an unreadable file is a quarantine reason, not a crash)."""
     try:
         data = path.read_bytes()
@@ -266,28 +258,33 @@ def check_image_file(path: Path, min_side: int, expected: tuple[float, float] | 
     except OSError as exc:
         return ImageCheck("unreadable", f"{path}: {exc.strerror or exc}")
     try:
-        return check_image_bytes(data, min_side, expected, sha256, file_size)
+        return check_image_bytes(data, min_side, expected, sha256, file_size, max_pixels)
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file must not stop the stage
         return ImageCheck("undecodable", f"{type(exc).__name__}: {exc}")
 
 
+def _check_one(_ctx: None, job: tuple) -> ImageCheck:
+    path, *rest = job
+    return check_image_file(Path(path), *rest)
+
+
 def check_images(df: pd.DataFrame, paths: Paths, cfg: Clean) -> pd.DataFrame:
-    """Check every row's image in a thread pool (cv2.imdecode and hashlib release the GIL); one row per input."""
+    """Check every row's image in `cfg.workers` processes (JPEG decoding captures the process's stderr to see
+    libjpeg's corruption warnings, so threads in one process would take turns); one row per input."""
     cols = {c: df[c] if c in df.columns else pd.Series(np.nan, index=df.index) for c in
             ("pixels_x", "pixels_y", "sha256", "file_size")}
     px = pd.to_numeric(cols["pixels_x"], errors="coerce")
     py = pd.to_numeric(cols["pixels_y"], errors="coerce")
     fs = pd.to_numeric(cols["file_size"], errors="coerce")
     sha = cols["sha256"].astype("string").str.strip().str.lower()
+    max_pixels = getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS)
     jobs = []
     for i, idx in enumerate(df.index):
         expected = (float(px.iloc[i]), float(py.iloc[i])) if cfg.check_declared_size else None
         digest = sha.iloc[i] if cfg.verify_checksum and pd.notna(sha.iloc[i]) and sha.iloc[i] else None
         size = float(fs.iloc[i]) if cfg.verify_checksum else None
-        jobs.append((paths.abs(str(df.at[idx, "path"])), cfg.min_side, expected, digest, size))
-    with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
-        results = list(progress(pool.map(lambda j: check_image_file(*j), jobs), total=len(jobs),
-                                desc="clean: decode", unit="img"))
+        jobs.append((str(paths.abs(str(df.at[idx, "path"]))), cfg.min_side, expected, digest, size, max_pixels))
+    results = parallel_map(_check_one, jobs, cfg.workers, desc="clean: decode") if jobs else []
     return pd.DataFrame(
         {"reason": [r.reason for r in results], "detail": [r.detail for r in results],
          "image_width": [r.width for r in results], "image_height": [r.height for r in results]},
@@ -325,6 +322,7 @@ class CleanResult:
     dropped: pd.DataFrame
     quarantine: pd.DataFrame
     metrics: dict[str, Any]
+    run_stats: dict[str, Any]
 
 
 DROPPED_COLUMNS = ["source", "isic_id", "reason", "detail", "dup_group", "path"]
@@ -381,9 +379,10 @@ def clean_index(df: pd.DataFrame, paths: Paths, cfg: Clean) -> CleanResult:
     dropped_df = dropped_df.sort_values(["source", "isic_id"], kind="stable").reset_index(drop=True)
     quarantine = quarantine.sort_values(["source", "isic_id"], kind="stable").reset_index(drop=True)
     metrics = clean_metrics(n_in, work, dropped_df, meta_stats)
-    metrics["timing"] = {"images_checked": int(len(checks)), "image_check_s": round(img_s, 3),
-                         "total_s": round(time.perf_counter() - t0, 3)}
-    return CleanResult(work, dropped_df, quarantine, metrics)
+    stats = {"images_checked": int(len(checks)), "image_check_s": round(img_s, 3),
+             "images_per_s": round(len(checks) / img_s, 1) if img_s > 0 else None,
+             "workers": min(cfg.workers, max(1, len(checks))), "total_s": round(time.perf_counter() - t0, 3)}
+    return CleanResult(work, dropped_df, quarantine, metrics, stats)
 
 
 def class_balance(index: pd.DataFrame) -> pd.DataFrame:
@@ -463,7 +462,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     write_table(bal, rep / "class_balance.csv")
     plot_class_balance(bal, rep / "class_balance.png")
     write_json(rep / "metrics.json", res.metrics)
+    write_run_stats(paths, STAGE, res.run_stats)
     m = res.metrics
+    log.info("clean: %d rows in, %d out, dropped %s", m["rows_in"], m["rows_out"], m["dropped_by_reason"])
     return {"rows_in": m["rows_in"], "rows_out": m["rows_out"], "dropped_by_reason": m["dropped_by_reason"],
             "malignant": m["classes"]["malignant"], "benign": m["classes"]["benign"],
             "outputs": [paths.rel(paths.index(STAGE)), paths.rel(out / "dropped.csv"),

@@ -1,8 +1,10 @@
 """Stage `cyclegan`: train a benign->malignant CycleGAN on the TRAIN split of data/preprocess (GPU-tagged).
 
 Writes models/cyclegan/{generator_b2m.keras, config.json, ckpt/}, reports/cyclegan/{losses.csv, samples.png,
-metrics.json}; logs to MLflow and registers G(benign->malignant) as `lesionflow-cyclegan` (tasks/tracking.py).
-Resumes from the last checkpoint when the architecture, optimiser, seed and training data are unchanged.
+metrics.json, run_stats.json}; logs to MLflow and registers G(benign->malignant) as `lesionflow-cyclegan`
+(tasks.tracking.log_stage_run). Resumes from the last checkpoint when the architecture, optimiser, seed and
+training data are unchanged. The generator file is written deterministically (same weights, same bytes);
+timings and resume counters go to run_stats.json, not to the DVC metrics.
 """
 
 from __future__ import annotations
@@ -13,51 +15,32 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.core.config import Cyclegan, Params
-from tasks.core.io import KEY, Paths, read_index, write_bytes, write_json, write_table
+from tasks.core.config import Cyclegan
+from tasks.core.errors import InputError, RunError
+from tasks.core.images import dihedral, titled_grid
+from tasks.core.io import KEY, Paths, read_index, write_bytes, write_json, write_run_stats, write_table
+from tasks.models.gan import GENERATOR_FILE
+from tasks.models.inputs import train_domains
+from tasks.models.saving import save_keras
 
 log = logging.getLogger(__name__)
 
 STAGE = "cyclegan"
 INPUT_STAGE = "preprocess"
-GENERATOR_FILE = "generator_b2m.keras"
 # Knobs that do not change what a given training step computes: a checkpoint stays valid across them.
 _NOT_FINGERPRINTED = {"epochs", "decay_epochs", "log_every", "keep_checkpoints", "resume", "samples", "mlflow",
                       "register_model", "experiment", "model_name"}
 
 
 # --------------------------------------------------------------------------- pure helpers
-def train_domains(index: pd.DataFrame, source: str = "index") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(benign, malignant) rows of the train split, real images only, sorted by key so file order never matters."""
-    missing = [c for c in (*KEY, "split", "target", "processed_path") if c not in index.columns]
-    if missing:
-        raise ValueError(f"{source}: column(s) {missing} missing; rerun `lesionflow stage preprocess`")
-    real = index["split"].eq("train")
-    if "synthetic" in index.columns:  # never learn from our own output
-        real &= ~index["synthetic"].fillna(False).astype(bool)
-    if "augmented_from" in index.columns:  # offline copies would overweight some images
-        real &= index["augmented_from"].isna()
-    train = index.loc[real].sort_values(KEY, kind="mergesort")
-    target = pd.to_numeric(train["target"], errors="coerce")
-    return train.loc[target.eq(0)].reset_index(drop=True), train.loc[target.eq(1)].reset_index(drop=True)
-
-
-def dihedral(images: np.ndarray, k: int | np.ndarray) -> np.ndarray:
-    """Apply one of the 8 flips/90-degree turns (k in 0..7) to an HxWxC image, or per image of an NxHxWxC batch."""
-    if images.ndim == 3:
-        out = np.rot90(images, int(k) % 4, axes=(0, 1))
-        return np.ascontiguousarray(out[:, ::-1] if int(k) >= 4 else out)
-    ks = np.broadcast_to(np.asarray(k), (len(images),))
-    return np.stack([dihedral(img, kk) for img, kk in zip(images, ks)]) if len(images) else images.copy()
-
-
 def batch_plan(seed: int, step: int, n_a: int, n_b: int, batch: int, pool_size: int, flip: bool) -> dict:
     """Everything random about training step `step`, from (seed, step) alone: a resumed run replays it exactly."""
     from tasks.models.gan import pool_query_plan
@@ -171,11 +154,11 @@ def train(cfg: Cyclegan, images_a: np.ndarray, images_b: np.ndarray, ckpt_dir: P
     from tasks.models.gan import CycleGan, linear_decay_lr, to_unit
 
     if len(images_a) == 0 or len(images_b) == 0:
-        raise ValueError(f"cyclegan: need benign and malignant train images, got {len(images_a)} benign and "
+        raise InputError(f"cyclegan: need benign and malignant train images, got {len(images_a)} benign and "
                          f"{len(images_b)} malignant (check split/target of data/{INPUT_STAGE}/index.parquet)")
     for name, imgs in (("benign", images_a), ("malignant", images_b)):
         if imgs.shape[1:] != (cfg.image_size, cfg.image_size, 3):
-            raise ValueError(f"cyclegan: {name} images have shape {imgs.shape[1:]}, expected "
+            raise InputError(f"cyclegan: {name} images have shape {imgs.shape[1:]}, expected "
                              f"({cfg.image_size}, {cfg.image_size}, 3)")
     keras.utils.set_random_seed(cfg.seed)  # before building: weight init comes from this seed
     gan = CycleGan(gan_config(cfg))
@@ -218,7 +201,7 @@ def train(cfg: Cyclegan, images_a: np.ndarray, images_b: np.ndarray, ckpt_dir: P
         losses = gan.train_step(dihedral(a_unit[plan["idx_a"]], plan["k_a"]),
                                 dihedral(b_unit[plan["idx_b"]], plan["k_b"]), lr, plan["pool_a"], plan["pool_b"])
         if not all(np.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"cyclegan: non-finite loss at step {step}: {losses} (lower lr?)")
+            raise RunError(f"cyclegan: non-finite loss at step {step}: {losses} (lower lr?)")
         window.append(losses)
         if step % cfg.log_every == 0 or step % cfg.steps_per_epoch == 0 or step == total:
             row = {"step": step, "epoch": epoch_of(step, cfg.steps_per_epoch), "lr": lr,
@@ -261,20 +244,6 @@ def sample_grid_image(gan: Any, images_a: np.ndarray, images_b: np.ndarray, k: i
     return titled_grid(columns, tile, ("input", "translated", "reconstructed"), labels)
 
 
-def titled_grid(columns: list[list[np.ndarray]], tile: int, titles: tuple[str, ...], row_labels: list[str]) -> np.ndarray:
-    """preprocess.sample_grid plus a header row naming the columns."""
-    import cv2
-
-    from tasks.core.images import sample_grid
-
-    grid = sample_grid(columns, tile, labels=row_labels)
-    header = np.full((18, grid.shape[1], 3), 255, np.uint8)
-    for ci, text in enumerate(titles):
-        cv2.putText(header, text, (2 + ci * (tile + 2) + 3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    return np.concatenate([header, grid])
-
-
 def cycle_error(gan: Any, images: np.ndarray, direction: str, batch_size: int = 32) -> float:
     """Mean absolute reconstruction error of x -> G(x) -> F(G(x)) in [0, 1] pixel units (inference mode)."""
     from tasks.models.gan import to_unit
@@ -287,66 +256,8 @@ def cycle_error(gan: Any, images: np.ndarray, direction: str, batch_size: int = 
     return float(np.mean(np.abs(rec - x)) / 2.0)
 
 
-def save_keras(model: Any, path: Path) -> None:
-    """model.save via a temp file in the same folder (Keras needs the .keras suffix), renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- tracking
-def track(stage: str, section: Any, paths: Paths, metrics: dict, artifacts: list[Path], *,
-          history: pd.DataFrame | None = None, tags: dict[str, str] | None = None, model: Any = None,
-          model_file: Path | None = None, register_as: str | None = None) -> dict:
-    """Log one stage run through tasks/tracking.py (the only mlflow importer): params, metrics (history per step),
-    artifacts, and optionally a Keras model registered as `register_as`. Returns ids for metrics.json."""
-    from tasks import tracking
-
-    with tracking.start_run(paths.root, run_name=stage, experiment=section.experiment,
-                            tags={"stage": stage, **(tags or {})}) as active:
-        run_id = active.info.run_id
-        client = tracking.client()
-        for key, value in tracking.flatten(section.model_dump(mode="json")).items():
-            client.log_param(run_id, key, "null" if value is None else str(value))
-        for key, value in tracking.numeric(tracking.flatten(metrics)).items():
-            client.log_metric(run_id, key, value)
-        if history is not None:
-            for rec in history.to_dict("records"):
-                for key, value in rec.items():
-                    if key not in ("step", "epoch") and np.isfinite(value):
-                        client.log_metric(run_id, f"loss.{key}", float(value), step=int(rec["step"]))
-        for path in artifacts:
-            if Path(path).exists():
-                client.log_artifact(run_id, str(path), "reports")
-        out: dict[str, Any] = {"mlflow_run_id": run_id}
-        if model is not None and register_as:
-            log_keras = getattr(tracking, "log_keras_model", None)
-            if log_keras is None:
-                # tasks/tracking.py offers no Keras-model logger yet: keep the file with the run, do not register
-                # a plain artifact (MLflow 3 only registers logged models).
-                if model_file is not None:
-                    client.log_artifact(run_id, str(model_file), "model_file")
-                out["registered_version"] = None
-                out["register_skipped"] = "tasks.tracking.log_keras_model missing"
-                log.warning("%s: not registered as %s (tasks.tracking.log_keras_model missing)", stage, register_as)
-            else:
-                from tasks.models.gan import custom_objects
-
-                example = np.zeros((1, *model.input_shape[1:]), np.float32)
-                model_uri = log_keras(model, name="generator_b2m", input_example=example,
-                                      custom_objects=custom_objects())
-                out["model_uri"] = model_uri
-                out["registered_version"] = tracking.register(model_uri, register_as,
-                                                              {**(tags or {}), "run_id": run_id})
-    return out
-
-
 # --------------------------------------------------------------------------- the stage
-def run(params: Params, paths: Paths) -> dict:
+def run(params: Any, paths: Paths) -> dict:
     """Train on the train split of data/preprocess; write the generator, checkpoints, losses, samples, metrics."""
     cfg = params.cyclegan
     t0 = time.perf_counter()
@@ -375,32 +286,39 @@ def run(params: Params, paths: Paths) -> dict:
     steps_run = result.end_step - result.start_step
     last = result.history.loc[result.history["epoch"] == result.history["epoch"].max()] if len(result.history) \
         else pd.DataFrame()
-    metrics: dict[str, Any] = {
+    metrics: dict[str, Any] = {  # results only: the same inputs give the same file
         "train_benign": len(images_a), "train_malignant": len(images_b), "skipped_images": len(skipped),
-        "image_size": cfg.image_size, "steps": result.end_step, "resumed_from_step": result.start_step,
-        "steps_this_run": steps_run, "train_seconds": round(result.seconds, 2),
-        "steps_per_second": round(steps_run / result.seconds, 3) if steps_run and result.seconds else None,
+        "image_size": cfg.image_size, "steps": result.end_step,
         "generator_params": int(gan.g_ab.count_params()), "discriminator_params": int(gan.d_b.count_params()),
         "cycle_l1_benign": round(cycle_error(gan, images_a, "ab"), 5),
         "cycle_l1_malignant": round(cycle_error(gan, images_b, "ba"), 5),
-        "device": "GPU" if import_tf(False).config.list_physical_devices("GPU") else "CPU",
     }
     metrics.update({f"last_epoch_{k}": round(float(last[k].mean()), 5) for k in
                     ("g_total", "d_a", "d_b", "cycle_a", "cycle_b") if k in last})
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(report_dir / "metrics.json", metrics)
+    stats = {"resumed_from_step": result.start_step, "steps_this_run": steps_run,
+             "train_seconds": round(result.seconds, 2),
+             "steps_per_second": round(steps_run / result.seconds, 3) if steps_run and result.seconds else None,
+             "device": "GPU" if import_tf(False).config.list_physical_devices("GPU") else "CPU",
+             "seconds": round(time.perf_counter() - t0, 2)}
+    write_run_stats(paths, STAGE, stats)
     tracked: dict[str, Any] = {"mlflow": "off"}
     if cfg.mlflow:
-        from tasks.tracking import dvc_hash
+        from tasks import tracking
+        from tasks.core.lineage import dvc_hash
+        from tasks.models.gan import custom_objects
 
         digest, _ = dvc_hash(paths.root, f"data/{INPUT_STAGE}")
-        tracked = track(STAGE, cfg, paths, metrics, [report_dir / f for f in ("metrics.json", "losses.csv",
-                                                                                "samples.png")],
-                        history=result.history, model=gan.g_ab, model_file=gen_path,
-                        register_as=cfg.model_name if cfg.register_model else None,
-                        tags={"direction": "benign->malignant", "data_fingerprint": result.fingerprint,
-                              "data_hash": str(digest), "image_size": str(cfg.image_size)})
+        tracked = tracking.log_stage_run(
+            STAGE, {STAGE: cfg}, paths, metrics={**metrics, **stats}, experiment=cfg.experiment,
+            artifacts=[report_dir / f for f in ("metrics.json", "losses.csv", "samples.png")],
+            steps=[(int(r["step"]), {f"loss.{k}": v for k, v in r.items() if k not in ("step", "epoch")})
+                   for r in result.history.to_dict("records")],
+            keras_model=gan.g_ab, register_as=cfg.model_name if cfg.register_model else None,
+            model_artifact="generator_b2m", custom_objects=custom_objects(),
+            tags={"direction": "benign->malignant", "data_fingerprint": result.fingerprint,
+                  "data_hash": str(digest), "image_size": str(cfg.image_size)})
     write_json(report_dir / "mlflow.json", tracked)  # run ids change every run: kept out of the DVC metrics
-    return {**{k: metrics[k] for k in ("train_benign", "train_malignant", "steps", "resumed_from_step",
-                                       "train_seconds", "cycle_l1_benign")}, **tracked,
-            "generator": paths.rel(gen_path)}
+    summary = {**{k: metrics[k] for k in ("train_benign", "train_malignant", "steps", "cycle_l1_benign")},
+               "resumed_from_step": result.start_step, "train_seconds": stats["train_seconds"]}
+    return {**summary, **tracked, "generator": paths.rel(gen_path)}

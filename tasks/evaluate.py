@@ -1,10 +1,10 @@
 """evaluate stage: score the trained classifier on the frozen test split, plot, and track it in MLflow.
 
-Pure scoring on arrays first (`score`: ROC AUC with a bootstrap CI, AP, Brier, ECE and the confusion-based
-metrics at 0.5 and at the operating point stored with the model), then subgroup tables and plots, then
-`score_model` (any model path / runs:/ / models:/ URI on a test index, applying the model's own stored
-preprocessing to the raw images so a champion and a challenger are compared on equal terms), and last the
-thin `run()`.
+The metrics themselves live in tasks/core/metrics.py (`score`: ROC AUC with a bootstrap CI, AP, Brier, ECE and
+the confusion-based metrics at 0.5 and at the operating point stored with the model). Scoring goes through the
+model bundle (tasks/models/bundle.py), the same path as the promotion gate (`bundle.score_model`), predict, the
+pyfunc and serve. Here: subgroup columns, plots, and the thin `run()`. What the model was trained with comes
+from models/classifier.json (this stage reads only its own [evaluate] params).
 
 Outputs: reports/evaluate/metrics.json (DVC metrics), subgroups.csv, predictions.csv, roc.csv, pr.csv,
 calibration.csv, thresholds.csv, confusion.csv (DVC plots) and PNGs (roc, pr, confusion, calibration,
@@ -13,126 +13,39 @@ thresholds, mistakes, gradcam); reports/evaluate/mlflow.json names the MLflow ru
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.core.config import Evaluate, Params
+from tasks.core.config import Evaluate
+from tasks.core.errors import InputError
 from tasks.core.io import Paths, read_index, write_json, write_table
-
-# The operating-point helpers live with train (which picks the threshold) so train's code deps stay small.
-from tasks.train import as_arrays, binary_metrics, round_floats
+from tasks.core.metrics import (
+    age_band,
+    calibration_table,
+    pr_points,
+    roc_points,
+    round_floats,
+    subgroup_table,
+    threshold_sweep,
+)
+from tasks.models.bundle import load_bundle, score_predictions
+from tasks.models.bundle import score_model as score_model  # old home; the gate imports tasks.models.bundle
+from tasks.models.inputs import INPUT_STAGE, check_columns, site_of, test_rows
 
 STAGE = "evaluate"
-SUBGROUPS = ("source", "dataset", "sex", "age_band", "site")  # dataset: `source_dataset` when the metadata has it
-
-
-def log(msg: str) -> None:
-    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- pure scoring
-def roc_auc(probabilities: Sequence[float], targets: Sequence[int]) -> float | None:
-    """ROC AUC by ranks (ties averaged; None with a single class)."""
-    p, y = as_arrays(probabilities, targets)
-    return _auc_rows(p[None, :], y[None, :])[0]
-
-
-def _auc_rows(p: np.ndarray, y: np.ndarray) -> list[float | None]:
-    """Row-wise Mann-Whitney AUC of 2-D arrays (one bootstrap resample per row)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(p, axis=1)
-    n1 = y.sum(axis=1)
-    n0 = y.shape[1] - n1
-    s1 = (ranks * y).sum(axis=1)
-    out: list[float | None] = []
-    for a, b, s in zip(n1, n0, s1):
-        out.append(float((s - a * (a + 1) / 2) / (a * b)) if a and b else None)
-    return out
-
-
-def auc_ci(probabilities: Sequence[float], targets: Sequence[int], n_bootstrap: int = 1000, ci: float = 0.95,
-           seed: int = 0) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of the ROC AUC (resamples with one class only are skipped)."""
-    p, y = as_arrays(probabilities, targets)
-    if n_bootstrap <= 0 or len(set(y.tolist())) < 2:
-        return None, None
-    rng = np.random.default_rng(seed)
-    aucs: list[float] = []
-    for start in range(0, n_bootstrap, 200):  # chunks bound the memory of the (B, n) index array
-        idx = rng.integers(0, len(p), size=(min(200, n_bootstrap - start), len(p)))
-        aucs += [a for a in _auc_rows(p[idx], y[idx]) if a is not None]
-    if not aucs:
-        return None, None
-    lo, hi = np.quantile(aucs, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return float(lo), float(hi)
-
-
-def calibration_table(probabilities: Sequence[float], targets: Sequence[int], bins: int = 10) -> pd.DataFrame:
-    """Equal-width probability bins: count, mean predicted, observed malignant fraction."""
-    p, y = as_arrays(probabilities, targets)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1], right=False), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        m = which == b
-        rows.append({"bin": b, "lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(m.sum()),
-                     "mean_predicted": float(p[m].mean()) if m.any() else None,
-                     "fraction_malignant": float(y[m].mean()) if m.any() else None})
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(probabilities: Sequence[float], targets: Sequence[int], bins: int = 10) -> float:
-    """ECE: bin-weighted |observed - predicted| over equal-width bins."""
-    table = calibration_table(probabilities, targets, bins)
-    filled = table[table["count"] > 0]
-    n = filled["count"].sum()
-    return float((filled["count"] * (filled["fraction_malignant"] - filled["mean_predicted"]).abs()).sum() / n) \
-        if n else 0.0
-
-
-def score(probabilities: Sequence[float], targets: Sequence[int], *, threshold: float | None = None,
-          n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0, bins: int = 10) -> dict[str, Any]:
-    """All headline metrics of one set of predictions; `threshold` is the model's stored operating point."""
-    from sklearn.metrics import average_precision_score
-
-    p, y = as_arrays(probabilities, targets)
-    both = len(set(y.tolist())) == 2
-    lo, hi = auc_ci(p, y, n_bootstrap, ci, seed)
-    out: dict[str, Any] = {
-        "n": int(len(y)),
-        "n_malignant": int(y.sum()),
-        "auc": roc_auc(p, y) if len(y) else None,
-        "auc_ci_low": lo,
-        "auc_ci_high": hi,
-        "average_precision": float(average_precision_score(y, p)) if both else None,
-        "brier": float(np.mean((p - y) ** 2)) if len(y) else None,
-        "ece": expected_calibration_error(p, y, bins) if len(y) else None,
-        "at_0.5": binary_metrics(p, y, 0.5),
-    }
-    if threshold is not None:
-        out["at_operating_point"] = binary_metrics(p, y, threshold)
-    return out
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- subgroups
-def age_band(age: pd.Series, edges: Sequence[float]) -> pd.Series:
-    """'45-60' style bands (left-closed); 'unknown' where age is missing or outside the edges."""
-    labels = [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)]
-    bands = pd.cut(pd.to_numeric(age, errors="coerce"), bins=list(edges), right=False, labels=labels)
-    return bands.astype("string").fillna("unknown").astype(str)
-
-
 def subgroup_frame(df: pd.DataFrame, edges: Sequence[float]) -> pd.DataFrame:
     """source, [dataset], sex, age_band and site per row (normalised text, 'unknown' when missing)."""
-    from tasks.train import site_of
-
     sex = df["sex"].astype("string").str.strip().str.lower() if "sex" in df else pd.Series(pd.NA, index=df.index)
     groups = pd.DataFrame({
         "source": df["source"].astype(str),
@@ -143,55 +56,6 @@ def subgroup_frame(df: pd.DataFrame, edges: Sequence[float]) -> pd.DataFrame:
     if "source_dataset" in df:  # e.g. HAM10000 vs ISIC 2017 inside one ingest source: where does the model fail?
         groups.insert(1, "dataset", df["source_dataset"].astype("string").fillna("unknown").astype(str))
     return groups
-
-
-def subgroup_table(groups: pd.DataFrame, probabilities: Sequence[float], targets: Sequence[int],
-                   threshold: float) -> pd.DataFrame:
-    """One row per (kind, group): the headline metrics without bootstrap (n is reported: small groups are noisy)."""
-    p, y = as_arrays(probabilities, targets)
-    rows = []
-    for kind in SUBGROUPS:
-        if kind not in groups:
-            continue
-        values = groups[kind].to_numpy()
-        for g in sorted(set(values.tolist())):
-            m = values == g
-            s = score(p[m], y[m], threshold=threshold, n_bootstrap=0)
-            op, half = s["at_operating_point"], s["at_0.5"]
-            rows.append({"kind": kind, "group": g, "n": s["n"], "n_malignant": s["n_malignant"], "auc": s["auc"],
-                         "average_precision": s["average_precision"], "brier": s["brier"], "ece": s["ece"],
-                         **{f"{k}_at_0.5": half[k] for k in ("sensitivity", "specificity", "fn", "fp")},
-                         **{f"{k}_at_op": op[k] for k in ("sensitivity", "specificity", "precision", "f1",
-                                                         "balanced_accuracy", "fn", "fp")}})
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- curves (CSV for dvc plots)
-def roc_points(probabilities: Sequence[float], targets: Sequence[int]) -> pd.DataFrame:
-    from sklearn.metrics import roc_curve
-
-    p, y = as_arrays(probabilities, targets)
-    fpr, tpr, thr = roc_curve(y, p)
-    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thr, 1.0)})
-
-
-def pr_points(probabilities: Sequence[float], targets: Sequence[int]) -> pd.DataFrame:
-    from sklearn.metrics import precision_recall_curve
-
-    p, y = as_arrays(probabilities, targets)
-    precision, recall, _ = precision_recall_curve(y, p)
-    return pd.DataFrame({"recall": recall, "precision": precision})
-
-
-def threshold_sweep(probabilities: Sequence[float], targets: Sequence[int], steps: int = 101) -> pd.DataFrame:
-    """Metric-vs-threshold curves: sensitivity, specificity, precision, F1, balanced accuracy."""
-    p, y = as_arrays(probabilities, targets)
-    rows = []
-    for t in np.linspace(0, 1, steps):
-        m = binary_metrics(p, y, float(t))
-        rows.append({k: m[k] for k in ("threshold", "sensitivity", "specificity", "precision", "f1",
-                                       "balanced_accuracy")})
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- plots (matplotlib Agg)
@@ -297,56 +161,6 @@ def save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- models on index tables
-def test_rows(index: pd.DataFrame) -> pd.DataFrame:
-    """The frozen test split: labelled, original (no offline copies, no synthetic images)."""
-    from tasks.train import select_rows
-
-    return select_rows(index, "test")
-
-
-def score_model(model_uri_or_path: str | Path, index_or_params: pd.DataFrame | Params, paths: Paths, *,
-                n_bootstrap: int | None = None, seed: int = 0, with_predictions: bool = False) -> dict[str, Any]:
-    """Score any model (folder/.keras path, runs:/ or models:/ URI) on the frozen test split.
-
-    `index_or_params`: an index table (its test rows are used), or Params (then the index train reads,
-    data/<INPUT_STAGE>/index.parquet under paths, and evaluate's bootstrap count). Each model applies its own
-    stored preprocessing to the raw images (`path`), exactly as `predict` does, so a champion trained at
-    another size or with other preprocessing is scored on the same test images. Top-level `auc`,
-    `false_negatives`, `false_positives`, `sensitivity`, `specificity` are at the model's own operating point.
-    """
-    from tasks.predict import load_bundle
-    from tasks.train import INPUT_STAGE
-
-    if isinstance(index_or_params, Params):
-        index_df = read_index(paths, INPUT_STAGE)
-        n_boot = index_or_params.evaluate.bootstrap if n_bootstrap is None else n_bootstrap
-        seed = index_or_params.evaluate.seed
-    else:
-        index_df, n_boot = index_or_params, 1000 if n_bootstrap is None else n_bootstrap
-    rows = test_rows(index_df)
-    if rows.empty:
-        raise ValueError("no labelled test rows in the index")
-    if "path" not in rows:
-        raise ValueError("index has no `path` column (raw image path); pass an index from ingest or later")
-    bundle = load_bundle(model_uri_or_path, paths.root)
-    meta_cols = [c for c in ("age_approx", "sex", "anatom_site_1", "anatom_site_general") if c in rows]
-    preds = bundle.predict_frame(pd.DataFrame({"path": [str(paths.abs(p)) for p in rows["path"]],
-                                               **{c: rows[c].to_numpy() for c in meta_cols}}))
-    ok = preds["error"].isna().to_numpy()
-    out = score(preds.loc[ok, "probability_malignant"], rows.loc[ok, "target"], threshold=bundle.threshold,
-                n_bootstrap=n_boot, seed=seed)
-    op = out["at_operating_point"]
-    out.update({"false_negatives": op["fn"], "false_positives": op["fp"], "sensitivity": op["sensitivity"],
-                "specificity": op["specificity"], "n_errors": int((~ok).sum()), "model": str(model_uri_or_path)})
-    if with_predictions:
-        out["predictions"] = pd.DataFrame({"source": rows["source"], "isic_id": rows["isic_id"],
-                                           "target": rows["target"],
-                                           "probability_malignant": preds["probability_malignant"],
-                                           "error": preds["error"]}).to_dict("records")
-    return out
-
-
 # --------------------------------------------------------------------------- the stage
 def _gradcam_figure(model: Any, images: np.ndarray, meta: np.ndarray | None, titles: list[str]) -> Any:
     from tasks.models.classifier import IMAGE_INPUT, METADATA_INPUT, gradcam, member_models
@@ -360,18 +174,9 @@ def _gradcam_figure(model: Any, images: np.ndarray, meta: np.ndarray | None, tit
                         overlays=list(cams))
 
 
-def run(params: Params, paths: Paths) -> dict:
+def run(params: Any, paths: Paths) -> dict:
     """Score models/classifier.keras on the test split, write reports and plots, log + register in MLflow."""
-    from tasks.models.classifier import load_keras
-    from tasks.train import (
-        INPUT_STAGE,
-        MODEL_FILE,
-        check_columns,
-        encode_metadata,
-        load_config,
-        load_val_images,
-        predict_proba,
-    )
+    from tasks.models.inputs import load_config
 
     cfg: Evaluate = params.evaluate
     t0 = time.perf_counter()
@@ -379,18 +184,19 @@ def run(params: Params, paths: Paths) -> dict:
     check_columns(index, str(paths.index(INPUT_STAGE)))
     rows = test_rows(index)
     if rows.empty:
-        raise ValueError(f"{paths.index(INPUT_STAGE)}: no labelled test rows to evaluate")
-    config = load_config(paths.models)
-    model = load_keras(paths.models / MODEL_FILE)
-    size = int(config["image_size"])
-    images = load_val_images([str(paths.abs(p)) for p in rows["processed_path"]], size)
-    meta = encode_metadata(rows, config["metadata"]) if config.get("metadata") else None
-    p = predict_proba(model, images, meta, tta=int(config.get("tta", 0)))
+        raise InputError(f"{paths.index(INPUT_STAGE)}: no labelled test rows to evaluate")
+    load_config(paths.models)  # a clear "run train first" when there is no model
+    bundle = load_bundle(paths.models, paths.root)
+    # The bundle's path for processed images: the preprocess stage already made exactly its model inputs.
+    p, images = bundle.predict_processed([paths.abs(f) for f in rows["processed_path"]], rows)
+    meta = bundle.metadata(rows)
+    model = bundle.model
     y = rows["target"].to_numpy()
-    threshold = float(config["threshold"])
+    threshold = bundle.threshold
+    config = bundle.config
 
-    metrics = score(p, y, threshold=threshold, n_bootstrap=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed,
-                    bins=cfg.calibration_bins)
+    metrics = score_predictions(p, y, threshold, n_bootstrap=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed,
+                                bins=cfg.calibration_bins)
     groups = subgroup_frame(rows, cfg.age_bands)
     table = subgroup_table(groups, p, y, threshold)
     metrics["by_source"] = {
@@ -441,9 +247,9 @@ def run(params: Params, paths: Paths) -> dict:
     if cfg.mlflow:
         from tasks import tracking
 
-        info = tracking.log_evaluation(params, paths, metrics=metrics, reports=[paths.reports / "train", out],
-                                       test_index=rows, model_dir=paths.models,
-                                       register_model=cfg.register_model)
+        info = tracking.log_evaluation(cfg, paths, metrics=metrics, model_config=config,
+                                       reports=[paths.reports / "train", out], test_index=rows,
+                                       model_dir=paths.models, input_stage=INPUT_STAGE)
         write_json(out / "mlflow.json", info)
         summary["mlflow"] = info
     summary["seconds"] = round(time.perf_counter() - t0, 2)

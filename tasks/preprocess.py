@@ -1,11 +1,13 @@
 """preprocess stage: resize (letterbox or centre crop), optional colour constancy and hair removal, CLAHE on L of LAB.
 
-The pixel work is `tasks.core.images.process_image`; this module maps it over the split's images with
-`tasks.core.parallel.parallel_map` and does the I/O in one thin `run()`.
+The pixel work is `tasks.core.images.process_image` (which checks each file's header against
+`preprocess.max_pixels` and refuses damaged JPEGs before decoding); this module maps it over the split's
+images with `tasks.core.parallel.parallel_map` and does the I/O in one thin `run()`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.core.config import Params, Preprocess
-from tasks.core.images import decode, encode_png, process_image, resize, sample_grid
+from tasks.core.errors import InputError, RunError
+from tasks.core.images import DEFAULT_MAX_PIXELS, decode, encode_png, process_image, resize, sample_grid
 from tasks.core.io import (
     KEY,
     Paths,
@@ -25,70 +28,35 @@ from tasks.core.io import (
     write_file_atomic,
     write_index,
     write_json,
+    write_run_stats,
     write_table,
 )
 from tasks.core.parallel import parallel_map
 
+log = logging.getLogger(__name__)
+
 STAGE = "preprocess"
+INPUT_STAGE = "split"
 SAMPLE_COLUMNS = 8  # images in the before/after grid
 
 
+# --------------------------------------------------------------------------- pure
+def output_paths(df: pd.DataFrame, where: str = "data/split/index.parquet") -> list[str]:
+    """data/preprocess/images/<source>/<shard>/<isic_id>.png per row; InputError if two rows share a file."""
+    rel_out = [image_relpath(STAGE, s, i) for s, i in zip(df["source"], df["isic_id"], strict=True)]
+    clash = pd.Series(rel_out).duplicated(keep=False)
+    if clash.any():
+        bad = df.loc[clash.to_numpy(), KEY].head(5).to_dict("records")
+        raise InputError(f"{where}: ids that map to the same file name after sanitising: {bad}; rename them "
+                         "at the source (ids may use letters, digits and . _ + -)")
+    return rel_out
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- output layout
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- process pool (shared with augment)
-
-
-
-
-
-
-
+def max_pixels_of(cfg: Preprocess) -> int:
+    return int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
 # --------------------------------------------------------------------------- one image, as a worker runs it
-
-
 def _process_one(cfg: Preprocess, job: tuple[str, str]) -> tuple[int, str | None]:
     """(bytes written, None) or (0, 'ErrorType: message'); never raises."""
     src, dst = job
@@ -104,11 +72,6 @@ def _cfg_setup(cfg: Preprocess) -> Preprocess:
     return cfg
 
 
-# --------------------------------------------------------------------------- reports
-
-
-
-
 def _samples(rows: pd.DataFrame, paths: Paths, cfg: Preprocess) -> np.ndarray | None:
     """Before (only resized) / after (the written output) pairs for up to SAMPLE_COLUMNS images."""
     if rows.empty:
@@ -117,9 +80,9 @@ def _samples(rows: pd.DataFrame, paths: Paths, cfg: Preprocess) -> np.ndarray | 
     columns = []
     for _, r in rows.iloc[np.unique(picks)].iterrows():
         try:
-            before = resize(decode(paths.abs(r["path"]).read_bytes()), cfg.size, cfg.aspect, cfg.pad_mode,
-                            cfg.pad_value)
-            after = decode(paths.abs(r["processed_path"]).read_bytes())
+            raw = decode(paths.abs(r["path"]).read_bytes(), max_pixels=max_pixels_of(cfg))
+            before = resize(raw, cfg.size, cfg.aspect, cfg.pad_mode, cfg.pad_value)
+            after = decode(paths.abs(r["processed_path"]).read_bytes(), max_pixels=max_pixels_of(cfg))
         except (OSError, ValueError):
             continue  # a sample is only illustration; the image itself was already reported
         columns.append([before, after])
@@ -127,28 +90,21 @@ def _samples(rows: pd.DataFrame, paths: Paths, cfg: Preprocess) -> np.ndarray | 
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-
-
 def run(params: Params, paths: Paths) -> dict:
     """Process every image of data/split/index.parquet into data/preprocess (PNGs + index + failed.csv)."""
     cfg = params.preprocess
     t0 = time.perf_counter()
-    df = read_index(paths, "split")
-    for col in ("path", *KEY):
-        if col not in df.columns:
-            raise ValueError(f"{paths.index('split')}: column {col!r} missing; rerun `lesionflow stage split`")
-
-    rel_out = [image_relpath(STAGE, s, i) for s, i in zip(df["source"], df["isic_id"])]
-    clash = pd.Series(rel_out).duplicated(keep=False)
-    if clash.any():
-        bad = df.loc[clash.to_numpy(), KEY].head(5).to_dict("records")
-        raise ValueError(f"{paths.index('split')}: ids that map to the same file name after sanitising: {bad}")
+    df = read_index(paths, INPUT_STAGE)
+    where = paths.index(INPUT_STAGE)
+    missing = [c for c in ("path", *KEY) if c not in df.columns]
+    if missing:
+        raise InputError(f"{where}: column(s) {missing} missing (has {list(df.columns)}); "
+                         "rerun `lesionflow stage split`")
+    rel_out = output_paths(df, str(where))
     root = str(paths.root)
     # Plain strings, not Path objects: this list is built serially for every image (os.path.join keeps
     # absolute input paths as they are).
-    jobs = [(os.path.join(root, p), os.path.join(root, o)) for p, o in zip(df["path"], rel_out)]
+    jobs = [(os.path.join(root, p), os.path.join(root, o)) for p, o in zip(df["path"], rel_out, strict=True)]
     out_dir = paths.stage(STAGE)
     rerun = (out_dir / "images").exists()  # under `dvc repro` the out is removed first: nothing to prune
 
@@ -160,20 +116,20 @@ def run(params: Params, paths: Paths) -> dict:
     write_table(failed, out_dir / "failed.csv")
     n_failed = int((~ok).sum())
     if len(df) and n_failed / len(df) > cfg.max_failed_fraction:
-        raise RuntimeError(
+        raise RunError(
             f"preprocess: {n_failed}/{len(df)} images failed (> max_failed_fraction={cfg.max_failed_fraction}); "
             f"see {out_dir / 'failed.csv'} (first: {failed['error'].iloc[0]!r}); are the paths in "
-            f"{paths.index('split')} relative to --root {paths.root}?"
+            f"{where} relative to --root {paths.root}?"
         )
-    kept = df.loc[ok].assign(processed_path=[o for o, good in zip(rel_out, ok) if good])
-    pruned = prune_outputs(out_dir / "images", {j[1] for j, good in zip(jobs, ok) if good}) if rerun else 0
+    kept = df.loc[ok].assign(processed_path=[o for o, good in zip(rel_out, ok, strict=True) if good])
+    good_dst = {j[1] for j, good in zip(jobs, ok, strict=True) if good}
+    pruned = prune_outputs(out_dir / "images", good_dst) if rerun else 0
     write_index(kept, paths, STAGE)
 
     report_dir = paths.reports / STAGE
     grid = _samples(kept, paths, cfg)
     if grid is not None:
         write_bytes(report_dir / "samples.png", encode_png(grid))
-    seconds = time.perf_counter() - t0
     by_split = kept["split"].value_counts().sort_index().to_dict() if "split" in kept else {}
     metrics = {
         "images_in": int(len(df)),
@@ -181,11 +137,18 @@ def run(params: Params, paths: Paths) -> dict:
         "failed": n_failed,
         "by_split": {str(k): int(v) for k, v in by_split.items()},
         "bytes_written": int(sum(b for b, _ in results)),
-        "stale_files_removed": pruned,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(len(df) / seconds, 1) if seconds > 0 else None,
-        "workers": min(cfg.workers, max(1, len(df))),
-        "config": cfg.model_dump(mode="json"),
     }
     write_json(report_dir / "metrics.json", metrics)
-    return {k: metrics[k] for k in ("images_in", "processed", "failed", "seconds", "images_per_s")}
+    seconds = time.perf_counter() - t0
+    images_per_s = round(len(df) / seconds, 1) if seconds > 0 else None
+    write_run_stats(paths, STAGE, {
+        "seconds": round(seconds, 3),
+        "images_per_s": images_per_s,
+        "workers": min(cfg.workers, max(1, len(df))),
+        "stale_files_removed": pruned,
+        "params": {"preprocess": cfg.model_dump(mode="json")},
+    })
+    log.info("preprocess: %d/%d images processed (%d failed) in %.1f s", metrics["processed"], len(df),
+             n_failed, seconds)
+    return {**{k: metrics[k] for k in ("images_in", "processed", "failed")}, "seconds": round(seconds, 3),
+            "images_per_s": images_per_s}

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import logging
+import re
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from tasks.core.config import Params, Split
+from tasks.core.errors import InputError
 from tasks.core.io import Paths, read_index, write_index, write_json, write_table
+
+log = logging.getLogger(__name__)
 
 STAGE = "split"
 INPUT_STAGE = "clean"
 SPLITS = ("train", "val", "test")
 REQUIRED = ["source", "isic_id", "target"]
+# Grouping columns the pipeline itself knows: ingest/clean carry patient_id and lesion_id, dedupe adds
+# dup_group, and some sources ship their own split unit `group_id`. A group_by name outside this set must be
+# a column of the clean index (a typo such as `patient_ID` would otherwise silently disable grouping).
+KNOWN_GROUP_COLUMNS = ("patient_id", "lesion_id", "dup_group", "group_id")
+# The sources' own grouping columns: always leak-checked, whatever group_by says (the input's group_id is
+# renamed source_group_id in the output).
+SOURCE_GROUP_COLUMNS = ("patient_id", "lesion_id", "source_group_id")
 
 
-class SplitError(ValueError):
+class SplitError(InputError):
     """The clean index cannot be split (missing columns, bad targets) or the result leaks a group."""
 
 
@@ -39,6 +52,35 @@ def _link_pairs(linked: pd.Series, cols: set[str]) -> tuple[list[int], list[str]
                 rows.append(pos)
                 keys.append(f"{col}\x1f{val.strip()}")
     return rows, keys
+
+
+def _has_column(df: pd.DataFrame, col: str) -> bool:
+    """Is `col` a column of the input (directly, or as a `linked_ids` token carried from a dropped duplicate)?"""
+    if col in df.columns:
+        return True
+    if "linked_ids" in df.columns:
+        return bool(df["linked_ids"].fillna("").astype(str).str.contains(f"(?:^|\\|){re.escape(col)}=", regex=True).any())
+    return False
+
+
+def check_group_by(df: pd.DataFrame, group_by: list[str], where: str = "data/clean/index.parquet") -> None:
+    """InputError naming every split.group_by column that no source has (and the columns there are).
+
+    A pipeline-known name (KNOWN_GROUP_COLUMNS) may be absent (e.g. `group_id` when no source ships one)."""
+    missing = [c for c in group_by if c not in KNOWN_GROUP_COLUMNS and not _has_column(df, c)]
+    if not missing:
+        return
+    hints = []
+    for c in missing:
+        close = difflib.get_close_matches(c, list(df.columns), n=1, cutoff=0.6) or \
+            difflib.get_close_matches(c.lower(), [x.lower() for x in df.columns], n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{c!r} -> {close[0]!r}?")
+    raise SplitError(
+        f"params split.group_by names column(s) {missing} that no source has in {where}, so they could not "
+        f"group anything and a patient/lesion could leak across splits. Available columns: "
+        f"{sorted(map(str, df.columns))}." + (f" Did you mean: {', '.join(hints)}" if hints else "")
+        + " Fix split.group_by in params.yaml.")
 
 
 def connected_groups(df: pd.DataFrame, group_by: list[str]) -> np.ndarray:
@@ -115,6 +157,7 @@ def assign_splits(df: pd.DataFrame, cfg: Split) -> pd.DataFrame:
         rows = df.loc[bad, ["source", "isic_id", "target"]].head(5).to_dict("records")
         raise SplitError(f"data/clean/index.parquet: column 'target' must be 0/1; {int(bad.sum())} row(s) are not, "
                          f"e.g. {rows}")
+    check_group_by(df, list(cfg.group_by))
     out = df.reset_index(drop=True).copy()
     comp = connected_groups(out, cfg.group_by)
     if "group_id" in out.columns:
@@ -135,6 +178,16 @@ def leaks(df: pd.DataFrame, cols: list[str]) -> dict[str, int]:
         ok = v.notna() & v.ne("")
         res[c] = int((df.loc[ok].groupby(v[ok])["split"].nunique() > 1).sum())
     return res
+
+
+def leak_columns(df: pd.DataFrame, group_by: list[str]) -> list[str]:
+    """Columns whose values must each stay in one split: isic_id, the group_by columns, and the sources' own
+    grouping columns whatever group_by says (group_id is the output's key, checked apart)."""
+    cols = ["isic_id", *(c for c in group_by if c != "group_id")]
+    if "group_id" in group_by:
+        cols.append("source_group_id")
+    cols += [c for c in SOURCE_GROUP_COLUMNS if c in df.columns]
+    return [c for c in dict.fromkeys(cols) if c in df.columns]
 
 
 # --------------------------------------------------------------------------- report
@@ -159,9 +212,7 @@ def split_metrics(df: pd.DataFrame, cfg: Split) -> dict[str, Any]:
     for (s, src), g in df.groupby(["split", "source"]):
         by_source[str(s)][str(src)] = {"malignant": int(g["target"].sum()), "benign": int((g["target"] == 0).sum())}
     sizes = df.groupby("group_id").size() if len(df) else pd.Series(dtype=int)
-    linked_cols = ["isic_id", *cfg.group_by]
-    if "source_group_id" in df.columns and "group_id" in cfg.group_by:
-        linked_cols.append("source_group_id")
+    linked_cols = leak_columns(df, cfg.group_by)
     test = df[df["split"] == "test"].sort_values(["source", "isic_id"])
     manifest = "\n".join(test["source"].astype(str) + "," + test["isic_id"].astype(str))
     return {
@@ -177,7 +228,7 @@ def split_metrics(df: pd.DataFrame, cfg: Split) -> dict[str, Any]:
                                               if v["rows"]), default=0.0), 4),
         "splits": per_split,
         "by_split_source": by_source,
-        "leaks": leaks(df, [c for c in linked_cols if c != "group_id"] + ["group_id"]),
+        "leaks": leaks(df, [*linked_cols, "group_id"]),
         "test_manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest(),
     }
 
@@ -197,8 +248,13 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     df = assign_splits(read_index(paths, INPUT_STAGE), cfg)
     metrics = split_metrics(df, cfg)
     leaked = {c: n for c, n in metrics["leaks"].items() if n}
-    if leaked:  # cannot happen by construction; if it does, never write a leaking split
-        raise SplitError(f"split leaks groups across splits: {leaked}")
+    if leaked:  # never write a leaking split
+        outside = [c for c in leaked if c not in cfg.group_by and not (c == "source_group_id"
+                                                                       and "group_id" in cfg.group_by)]
+        advice = (f"add {['group_id' if c == 'source_group_id' else c for c in outside]} to split.group_by "
+                  "in params.yaml" if outside else "this is a bug in tasks/split.py; please report it")
+        raise SplitError(f"split would put one group into several splits (values per column: {leaked}); "
+                         f"nothing was written; {advice}")
     out = paths.stage(STAGE)
     write_index(df, paths, STAGE)
     test_cols = [c for c in ("source", "isic_id", "group_id", "target", "sha256") if c in df.columns]

@@ -8,8 +8,12 @@ Small API for the stages and the nightly flow:
 `tracking_uri(root)`, `start_run(root, ...)`, `register(model_uri, name, tags) -> version`,
 `get_alias(name, alias) -> version | None`, `set_alias(name, alias, version)`,
 `set_version_tags(name, version, tags)`, `current_version(name, root)`, `download_model(uri, root)`,
-`log_keras_model(model, name, input_example, custom_objects) -> model_uri` (cyclegan), `log_evaluation(...)`.
-The logged model is a pyfunc (`LesionflowModel`) wrapping the Keras model + its stored preprocessing: input a
+`log_keras_model(model, name, input_example, custom_objects) -> model_uri` (cyclegan),
+`log_stage_run(stage, sections, paths, metrics=..., ...)`: THE one way a stage logs a run (cyclegan, upsample,
+evaluate, ugly_duckling), params named `<section>.<key>`; `log_evaluation(...)` builds evaluate's on it.
+The experiment is tagged `mlflow.experimentKind = custom_model_development` (the UI opens it on training runs).
+The logged model is a pyfunc (`LesionflowModel`) wrapping tasks.models.bundle.Bundle (the one scoring path, with
+the stored preprocessing and pixel cap): input a
 DataFrame with `path` (image files) or `image` (encoded bytes; base64 in JSON), optional age_approx / sex /
 anatom_site_1; output probability_malignant, prediction (stored operating point), error.
 """
@@ -17,21 +21,28 @@ anatom_site_1; output probability_malignant, prediction (stored operating point)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+
+from tasks.core.lineage import dvc_hash, git_state, short_commit
+
+__all__ = ["dvc_hash", "git_state"]  # lineage readers re-exported for older callers; their home is tasks.core.lineage
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no lookups of config.mlflow-telemetry.io (trap 5)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in stage logs
@@ -42,6 +53,9 @@ MODEL_NAME = "lesionflow-classifier"
 PIP_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml",
                 "opencv-python-headless", "scikit-learn", "scipy", "tqdm")
 PARAM_MAX = 6000  # MLflow's limit on one param value
+# The MLflow UI opens an experiment of this kind on its training runs (not the GenAI traces view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 # --------------------------------------------------------------------------- store
@@ -69,9 +83,12 @@ def configure(root: Path | str, experiment: str = EXPERIMENT) -> str:
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is not None:
+        if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
+        return mlflow.create_experiment(experiment, artifact_location=artifact_location(uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
@@ -172,38 +189,7 @@ def _tag(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-# --------------------------------------------------------------------------- provenance
-def git_state(root: Path) -> dict[str, Any]:
-    """git_commit and git_dirty of the project (None outside a repository)."""
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
-
-
-def dvc_hash(root: Path, out: str) -> tuple[str | None, str]:
-    """The DVC hash of a stage output (`data/<stage>`) from dvc.lock, or ('sha256 of its index', 'index')."""
-    lock = Path(root) / "dvc.lock"
-    if lock.exists():
-        import yaml
-
-        doc = yaml.safe_load(lock.read_text()) or {}
-        for stage in (doc.get("stages") or {}).values():
-            for o in stage.get("outs") or []:
-                if o.get("path") == out and o.get("md5"):
-                    return str(o["md5"]), "dvc.lock"
-    index = Path(root) / out / "index.parquet"
-    if index.exists():
-        return hashlib.sha256(index.read_bytes()).hexdigest(), "index-sha256"
-    return None, "missing"
-
-
+# --------------------------------------------------------------------------- flat params/metrics
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> {'a.b.c': value}; lists become JSON text."""
     out: dict[str, Any] = {}
@@ -230,7 +216,7 @@ class LesionflowModel(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame of image paths or bytes (+ optional metadata) -> probability_malignant per row."""
 
     def load_context(self, context: Any) -> None:
-        from tasks.predict import Bundle
+        from tasks.models.bundle import Bundle
 
         self.bundle = Bundle.from_files(context.artifacts["model"], context.artifacts["config"])
 
@@ -271,7 +257,7 @@ def log_pyfunc(model_dir: Path, example_image: bytes | None = None, name: str = 
 
     The `tasks` package travels with the model (code_paths), so `mlflow models serve` needs only the pip
     requirements, not a lesionflow checkout."""
-    from tasks.train import CONFIG_FILE, MODEL_FILE
+    from tasks.models.inputs import CONFIG_FILE, MODEL_FILE
 
     example = pd.DataFrame({"image": [example_image]}) if example_image else None
     with warnings.catch_warnings():  # "add type hints to predict": the explicit signature is the schema here
@@ -316,44 +302,124 @@ def _example_image(test_index: pd.DataFrame, root: Path) -> bytes | None:
     return None
 
 
-DATA_REPORT_STAGES = ("ingest", "dedupe", "clean", "split", "preprocess", "upsample")
+# --------------------------------------------------------------------------- one run per stage
+def section_params(sections: Mapping[str, Any]) -> dict[str, str]:
+    """{section: params model or dict} -> {'<section>.<key>': text} (nested keys dotted, lists as JSON)."""
+    out: dict[str, str] = {}
+    for name, value in sections.items():
+        data = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        for key, v in flatten(data if isinstance(data, dict) else {"": data}, f"{name}.").items():
+            out[key.rstrip(".")] = "null" if v is None else str(v)[:PARAM_MAX]
+    return out
 
 
-def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports: list[Path],
-                   test_index: pd.DataFrame, model_dir: Path, register_model: bool = True) -> dict[str, Any]:
-    """One MLflow run per evaluate: params, train + test metrics (history per epoch), plots and tables,
-    git commit, DVC data hash (log_input), the pyfunc model; registered as a new version tagged with its
-    test metrics. Returns ids for reports/evaluate/mlflow.json and the nightly flow."""
-    from tasks.core.config import dump_params
-    from tasks.train import INPUT_STAGE
-    from tasks.train import STAGE as TRAIN_STAGE
+def _log_artifacts(paths: Iterable[Path | str], artifact_path: str) -> None:
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}")
+        elif path.exists():
+            mlflow.log_artifact(str(path), artifact_path)
 
+
+def log_stage_run(stage: str, sections: Mapping[str, Any], paths: Any, *, metrics: Mapping[str, Any],
+                  artifacts: Iterable[Path | str] = (), artifact_path: str = "reports", experiment: str = EXPERIMENT,
+                  run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                  extra_params: Mapping[str, Any] | None = None,
+                  steps: Iterable[tuple[int, Mapping[str, float]]] = (), keras_model: Any = None,
+                  register_as: str | None = None, model_artifact: str = "model",
+                  custom_objects: dict[str, Any] | None = None,
+                  extra: Callable[[Any], Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The one MLflow run of a stage: params named `<section>.<key>` (only the sections given: the stage's
+    declared ones), numeric metrics (nested keys dotted), per-step metrics, artifacts (files under
+    `artifact_path`, folders under `artifact_path/<name>`), optionally a Keras model logged and registered as
+    `register_as`, and whatever `extra(run)` logs inside the same run. Returns {mlflow_run_id, experiment_id,
+    [model_uri, registered_version], **extra's result}."""
     root = Path(paths.root)
-    cfg = params.evaluate
-    digest, digest_source = dvc_hash(root, f"data/{INPUT_STAGE}")
-    with start_run(root, experiment=cfg.experiment, tags={"stage": "evaluate", "data_hash": str(digest),
-                                                          "data_hash_source": digest_source}) as run:
-        flat_params = {k: (str(v)[:PARAM_MAX] if v is not None else "null")
-                       for k, v in flatten(params.model_dump(mode="json")).items()}
-        items = list(flat_params.items())
+    with start_run(root, run_name=run_name or stage, experiment=experiment,
+                   tags={"stage": stage, **(tags or {})}) as run:
+        run_id = run.info.run_id
+        params = section_params(sections)
+        params.update({k: "null" if v is None else str(v)[:PARAM_MAX] for k, v in (extra_params or {}).items()})
+        items = sorted(params.items())
         for i in range(0, len(items), 100):  # log_params sends at most 100 per batch
             mlflow.log_params(dict(items[i:i + 100]))
-        mlflow.log_text(dump_params(params), "params.yaml")
-        test_metrics = numeric(flatten(metrics))
-        mlflow.log_metrics({f"test.{k}": v for k, v in test_metrics.items()})
-        train_report = paths.reports / TRAIN_STAGE
+        flat = numeric(flatten(dict(metrics)))
+        if flat:
+            mlflow.log_metrics(flat)
+        for step, values in steps:
+            vals = numeric(dict(values))
+            if vals:
+                mlflow.log_metrics(vals, step=int(step))
+        _log_artifacts(artifacts, artifact_path)
+        out: dict[str, Any] = {"mlflow_run_id": run_id, "experiment_id": run.info.experiment_id}
+        if keras_model is not None and register_as:
+            example = np.zeros((1, *keras_model.input_shape[1:]), np.float32)
+            model_uri = log_keras_model(keras_model, name=model_artifact, input_example=example,
+                                        custom_objects=custom_objects)
+            out["model_uri"] = model_uri
+            out["registered_version"] = register(model_uri, register_as, {**(tags or {}), "run_id": run_id}, root)
+        if extra is not None:
+            out.update(extra(run))
+    return out
+
+
+def next_version(name: str, root: Path | str) -> int:
+    """The version number registering `name` now would get (1 for a new model)."""
+    try:
+        versions = client(root).search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return 1
+    return max((int(v.version) for v in versions), default=0) + 1
+
+
+# --------------------------------------------------------------------------- evaluate's run
+DATA_REPORT_STAGES = ("ingest", "dedupe", "clean", "split", "preprocess", "upsample")
+TRAIN_STAGE = "train"
+
+
+def model_sections(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training params a model was made with, from its classifier.json (evaluate does not read params.train):
+    `train` (the whole section when train stored it, else members/TTA/stacker) and `preprocess`."""
+    train = model_config.get("train")
+    if not isinstance(train, dict):
+        train = {k: model_config.get(k) for k in ("members", "tta", "target_sensitivity", "stacker")}
+    return {"train": train, "preprocess": model_config.get("preprocess") or {}}
+
+
+def _train_steps(report: Path) -> list[tuple[int, dict[str, float]]]:
+    if not (report / "history.csv").exists():
+        return []
+    hist = pd.read_csv(report / "history.csv")
+    return [(int(row["epoch"]), {f"{row['member']}.{k}": float(row[k]) for k in hist.columns
+                                 if k not in ("member", "phase", "epoch") and pd.notna(row[k])})
+            for _, row in hist.iterrows()]
+
+
+def log_evaluation(cfg: Any, paths: Any, *, metrics: dict[str, Any], model_config: Mapping[str, Any],
+                   reports: list[Path], test_index: pd.DataFrame, model_dir: Path, input_stage: str,
+                   register_model: bool | None = None) -> dict[str, Any]:
+    """One MLflow run per evaluate (run name `evaluate <model> v<next version> <commit>`): the [evaluate] params
+    plus the model's training params from classifier.json, test + train metrics (history per epoch), plots and
+    tables, the data report, git commit, DVC data hash (log_input), the pyfunc model; registered as a new version
+    tagged with its test metrics. Returns ids for reports/evaluate/mlflow.json and the nightly flow."""
+    import yaml
+
+    root = Path(paths.root)
+    register_model = cfg.register_model if register_model is None else register_model
+    digest, digest_source = dvc_hash(root, f"data/{input_stage}")
+    configure(root, cfg.experiment)
+    commit = short_commit(root) or "no-git"
+    run_name = (f"evaluate {cfg.model_name} v{next_version(cfg.model_name, root)} {commit}" if register_model
+                else f"evaluate {cfg.model_name} {commit}")
+    train_report = paths.reports / TRAIN_STAGE
+
+    def extra(run: Any) -> dict[str, Any]:
+        mlflow.log_text(yaml.safe_dump({"evaluate": cfg.model_dump(mode="json")}, sort_keys=False), "params.yaml")
+        mlflow.log_dict(dict(model_config), "classifier.json")
         if (train_report / "metrics.json").exists():
             mlflow.log_metrics({f"train.{k}": v for k, v in
                                 numeric(flatten(json.loads((train_report / "metrics.json").read_text()))).items()})
-        if (train_report / "history.csv").exists():
-            hist = pd.read_csv(train_report / "history.csv")
-            for _, row in hist.iterrows():
-                vals = {f"{row['member']}.{k}": float(row[k]) for k in hist.columns
-                        if k not in ("member", "phase", "epoch") and pd.notna(row[k])}
-                mlflow.log_metrics(vals, step=int(row["epoch"]))
-        for folder in reports:
-            if Path(folder).exists():
-                mlflow.log_artifacts(str(folder), artifact_path=f"reports/{Path(folder).name}")
         # The data report of the run (counts per source/class/split, duplicates, drops by reason, class balance
         # plot) rides along, so a model in the UI shows what data it came from.
         for stage in DATA_REPORT_STAGES:
@@ -366,26 +432,32 @@ def log_evaluation(params: Any, paths: Any, *, metrics: dict[str, Any], reports:
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column hints
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(test_index[cols].reset_index(drop=True),
-                                              source=str(paths.index(INPUT_STAGE)), targets="target",
-                                              name=f"{INPUT_STAGE}-test", digest=(digest or "")[:36] or None)
-            mlflow.log_input(dataset, context="testing", tags={"dvc_out": f"data/{INPUT_STAGE}",
+                                              source=str(paths.index(input_stage)), targets="target",
+                                              name=f"{input_stage}-test", digest=(digest or "")[:36] or None)
+            mlflow.log_input(dataset, context="testing", tags={"dvc_out": f"data/{input_stage}",
                                                                "hash_source": digest_source})
         info = log_pyfunc(model_dir, _example_image(test_index, root))
-        result: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                  "model_uri": info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model",
+        result: dict[str, Any] = {"run_id": run.info.run_id, "model_uri": info.model_uri,
+                                  "run_model_uri": f"runs:/{run.info.run_id}/model",
                                   "tracking_uri": mlflow.get_tracking_uri()}
         if register_model:
             op = metrics.get("at_operating_point") or {}
             tags = {"test_auc": metrics.get("auc"), "test_auc_ci_low": metrics.get("auc_ci_low"),
                     "test_auc_ci_high": metrics.get("auc_ci_high"), "test_sensitivity": op.get("sensitivity"),
                     "test_specificity": op.get("specificity"), "test_fn": op.get("fn"), "test_n": metrics.get("n"),
-                    "threshold": op.get("threshold"), "data_hash": digest, "git_commit": git_state(root)["git_commit"],
-                    "run_id": run.info.run_id}
+                    "threshold": op.get("threshold"), "data_hash": digest,
+                    "git_commit": git_state(root)["git_commit"], "run_id": run.info.run_id}
             version = register(info.model_uri, cfg.model_name, {k: v for k, v in tags.items() if v is not None},
                                root)
             result.update({"registered_model": cfg.model_name, "version": version})
-    return result
+        return result
 
+    out = log_stage_run("evaluate", {"evaluate": cfg, **model_sections(model_config)}, paths,
+                        metrics={"test": metrics}, artifacts=reports, experiment=cfg.experiment, run_name=run_name,
+                        tags={"data_hash": str(digest), "data_hash_source": digest_source},
+                        steps=_train_steps(train_report), extra=extra)
+    out.pop("mlflow_run_id", None)  # evaluate's record names it run_id (nightly and mlflow.json readers)
+    return out
 
 def serve(model_uri: str, root: Path | str, host: str = "127.0.0.1", port: int = 5001) -> int:
     """`mlflow models serve` for a URI of the project's store (env-manager local: this environment)."""

@@ -9,7 +9,11 @@ per-member two-phase fit, and last the thin `run()` that writes
                             encoding, TTA, operating point (threshold for the target sensitivity on val)
 - reports/train/history.csv per-epoch loss/AUC of every member and phase (DVC plots)
 - reports/train/metrics.json val metrics (deterministic: a rerun on CPU gives the same bytes)
-- reports/train/timing.json  wall-clock numbers (kept out of metrics.json because they never repeat)
+- reports/train/run_stats.json wall-clock numbers (not a DVC metric: they never repeat)
+
+Row selection, metadata encoding, image reading and tf.data live in tasks/models/inputs.py, scoring in
+tasks/models/bundle.py, metrics in tasks/core/metrics.py; models/classifier.keras is written deterministically
+(tasks/models/saving.py): identical weights give identical bytes.
 
 TensorFlow is imported only inside functions: TF_ENABLE_ONEDNN_OPTS=0 must be in the environment before the
 first import for bit-identical CPU reruns, and `run()` sets it.
@@ -17,7 +21,7 @@ first import for bit-identical CPU reruns, and `run()` sets it.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import shutil
@@ -26,84 +30,53 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.core.config import Member, Params, Train
-from tasks.core.io import Paths, atomic_path, read_index, write_json, write_table
+from tasks.core.config import Member, Train
+from tasks.core.errors import InputError
+from tasks.core.io import Paths, read_index, write_json, write_run_stats, write_table
+from tasks.core.metrics import binary_metrics, round_floats, sklearn_auc, threshold_for_sensitivity
+from tasks.models.bundle import predict_proba
+from tasks.models.inputs import (
+    CONFIG_FILE,
+    CONFIG_FORMAT,
+    INPUT_STAGE,
+    MODEL_FILE,
+    check_columns,
+    encode_metadata,
+    load_val_images,
+    make_dataset,
+    metadata_dim,
+    metadata_spec,
+    select_rows,
+)
+from tasks.models.saving import save_keras
 
 STAGE = "train"
-# The stage whose index train (and evaluate) read: the last data stage before train. `upsample` passes every
-# augment row through (offline copies flagged `augmented_from`) and adds synthetic malignant train images
-# flagged `synthetic`. Were that stage dropped from dvc.yaml, this one name becomes "augment" again.
-INPUT_STAGE = "upsample"
-MODEL_FILE = "classifier.keras"
-CONFIG_FILE = "classifier.json"
-CONFIG_FORMAT = 1
-REQUIRED_COLUMNS = ("source", "isic_id", "processed_path", "split", "target")
-SEXES = ("male", "female")
 EPS = 1e-7
+
+_log = logging.getLogger(__name__)
 
 
 def log(msg: str) -> None:
-    """Progress lines go to stderr: stdout carries the stage's JSON summary."""
-    print(f"[train] {msg}", file=sys.stderr, flush=True)
+    """Progress lines go to the log (stderr): stdout carries the stage's JSON summary."""
+    _log.info("[train] %s", msg)
 
 
 # --------------------------------------------------------------------------- rows
-def check_columns(df: pd.DataFrame, source: str, columns: Sequence[str] = REQUIRED_COLUMNS) -> None:
-    """Fail early, naming the index file and the missing column(s)."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{source}: column(s) {missing} missing; rerun the earlier stages (`dvc repro`)")
-
-
-def _flag(df: pd.DataFrame, column: str) -> pd.Series:
-    """A boolean per row: True where `column` is set (non-null, and truthy for bool columns)."""
-    if column not in df.columns:
-        return pd.Series(False, index=df.index)
-    col = df[column]
-    if col.dtype == bool or str(col.dtype) == "boolean":
-        return col.fillna(False).astype(bool)
-    return col.notna()
-
-
-def select_rows(index: pd.DataFrame, split: str, *, include_offline_copies: bool = True,
-                include_synthetic: bool = True) -> pd.DataFrame:
-    """Labelled rows of one split, sorted by key so every run sees them in the same order.
-
-    Offline augmented copies (`augmented_from`) and synthetic images (`synthetic`) only ever count for train:
-    val and test are always real, original images.
-    """
-    rows = index[index["split"] == split]
-    rows = rows[rows["target"].notna()]
-    derived = _flag(rows, "augmented_from")
-    synthetic = _flag(rows, "synthetic")
-    if split != "train":
-        rows = rows[~derived & ~synthetic]
-    else:
-        keep = pd.Series(True, index=rows.index)
-        if not include_offline_copies:
-            keep &= ~derived
-        if not include_synthetic:
-            keep &= ~synthetic
-        rows = rows[keep]
-    rows = rows.copy()
-    rows["target"] = rows["target"].astype(int)
-    return rows.sort_values(["source", "isic_id"], kind="stable").reset_index(drop=True)
-
-
 def cap_stratified(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """At most n rows, class shares kept, at least one row per class (seeded)."""
     if len(df) <= n:
         return df
     rng = np.random.default_rng(seed)
     parts = []
-    for target, group in df.groupby("target", sort=True):
+    for _target, group in df.groupby("target", sort=True):
         k = max(1, round(n * len(group) / len(df)))
         parts.append(group.iloc[np.sort(rng.choice(len(group), size=min(k, len(group)), replace=False))])
     return pd.concat(parts).sort_values(["source", "isic_id"], kind="stable").reset_index(drop=True)
@@ -120,97 +93,11 @@ def class_weights(targets: np.ndarray) -> dict[int, float]:
 def require_both_classes(df: pd.DataFrame, split: str, index_path: Path) -> None:
     counts = df["target"].value_counts().to_dict()
     if len(df) == 0 or counts.get(0, 0) == 0 or counts.get(1, 0) == 0:
-        raise ValueError(f"{index_path}: split {split!r} needs benign and malignant images, has {counts or 'none'} "
+        raise InputError(f"{index_path}: split {split!r} needs benign and malignant images, has {counts or 'none'} "
                          f"(more data, or other split fractions)")
 
 
-# --------------------------------------------------------------------------- metadata (dual-input members)
-def site_of(df: pd.DataFrame) -> pd.Series:
-    """Anatomical site: the current `anatom_site_1`, else the legacy `anatom_site_general`; lower-case."""
-    site = pd.Series(pd.NA, index=df.index, dtype="object")
-    for col in ("anatom_site_1", "anatom_site_general"):
-        if col in df.columns:
-            site = site.where(site.notna(), df[col])
-    text = site.astype("string").str.strip().str.lower()
-    return text.where(text.notna() & (text != "") & (text != "unknown"), "unknown").astype(str)
-
-
-def metadata_spec(train_df: pd.DataFrame, site_min_count: int = 5) -> dict[str, Any]:
-    """The encoding learned from train only: age standardisation and the site vocabulary."""
-    age = pd.to_numeric(train_df.get("age_approx", pd.Series(dtype=float)), errors="coerce")
-    counts = site_of(train_df).value_counts()
-    sites = sorted(s for s, c in counts.items() if c >= site_min_count and s != "unknown")
-    return {
-        "age_mean": float(age.mean()) if age.notna().any() else 50.0,
-        "age_std": float(age.std()) if age.notna().sum() > 1 and age.std() > 0 else 20.0,
-        "sexes": list(SEXES),
-        "sites": sites,
-    }
-
-
-def metadata_dim(spec: dict[str, Any] | None) -> int:
-    return 0 if spec is None else 2 + len(spec["sexes"]) + 1 + len(spec["sites"]) + 2
-
-
-def encode_metadata(df: pd.DataFrame, spec: dict[str, Any]) -> np.ndarray:
-    """float32 (n, d): [age z-score, age missing, sex one-hot + unknown, site one-hot + other + unknown]."""
-    n = len(df)
-    age = pd.to_numeric(df["age_approx"], errors="coerce").to_numpy(dtype=float) if "age_approx" in df else \
-        np.full(n, np.nan)
-    age_missing = np.isnan(age)
-    age_z = np.where(age_missing, 0.0, (age - spec["age_mean"]) / spec["age_std"])
-    sex = df["sex"].astype("string").str.strip().str.lower().fillna("") if "sex" in df else pd.Series([""] * n)
-    sex_cols = [(sex == s).to_numpy() for s in spec["sexes"]]
-    sex_unknown = ~np.any(sex_cols, axis=0) if sex_cols else np.ones(n, bool)
-    site = site_of(df) if n else pd.Series([], dtype=str)
-    site_cols = [(site == s).to_numpy() for s in spec["sites"]]
-    site_unknown = (site == "unknown").to_numpy()
-    site_other = ~site_unknown & ~(np.any(site_cols, axis=0) if site_cols else np.zeros(n, bool))
-    cols = [age_z, age_missing, *sex_cols, sex_unknown, *site_cols, site_other, site_unknown]
-    return np.stack([np.asarray(c, dtype=np.float32) for c in cols], axis=1).reshape(n, metadata_dim(spec))
-
-
 # --------------------------------------------------------------------------- stacking and operating point
-def as_arrays(probabilities: Sequence[float], targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (float64) and 0/1 targets as flat arrays of equal length, no NaN."""
-    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    y = np.asarray(targets).astype(int).reshape(-1)
-    if p.shape != y.shape:
-        raise ValueError(f"{len(p)} probabilities for {len(y)} targets")
-    if np.isnan(p).any():
-        raise ValueError("probabilities contain NaN (drop the rows that failed to load first)")
-    return p, y
-
-
-def threshold_for_sensitivity(probabilities: Sequence[float], targets: Sequence[int], target: float = 0.90) -> float:
-    """The largest threshold t such that predicting malignant for p >= t reaches `target` sensitivity."""
-    p, y = as_arrays(probabilities, targets)
-    pos = np.sort(p[y == 1])[::-1]
-    if len(pos) == 0:
-        raise ValueError("no malignant cases: the operating point needs at least one")
-    k = max(1, math.ceil(target * len(pos) - 1e-9))
-    return float(pos[k - 1])
-
-
-def binary_metrics(probabilities: Sequence[float], targets: Sequence[int], threshold: float) -> dict[str, Any]:
-    """Confusion counts and rates when `p >= threshold` means malignant (None where undefined)."""
-    p, y = as_arrays(probabilities, targets)
-    pred = p >= threshold
-    tp = int(np.sum(pred & (y == 1)))
-    fp = int(np.sum(pred & (y == 0)))
-    tn = int(np.sum(~pred & (y == 0)))
-    fn = int(np.sum(~pred & (y == 1)))
-
-    def ratio(a: int, b: int) -> float | None:
-        return a / b if b else None
-
-    sens, spec, prec = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
-    f1 = 2 * prec * sens / (prec + sens) if prec and sens else (0.0 if prec is not None and sens is not None else None)
-    bal = (sens + spec) / 2 if sens is not None and spec is not None else None
-    return {"threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn, "sensitivity": sens,
-            "specificity": spec, "precision": prec, "f1": f1, "balanced_accuracy": bal}
-
-
 def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
     return np.log(p / (1 - p))
@@ -230,66 +117,6 @@ def fit_stacker(member_logits: np.ndarray, targets: np.ndarray, mode: str = "sta
     return [float(c) for c in lr.coef_[0]], float(lr.intercept_[0])
 
 
-def round_floats(obj: Any, digits: int = 6) -> Any:
-    """Floats in nested dicts/lists rounded, so reports read well and diff cleanly."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [round_floats(v, digits) for v in obj]
-    return obj
-
-
-# --------------------------------------------------------------------------- images
-def read_image(path: Path | str, size: int) -> np.ndarray:
-    """A processed image as uint8 RGB size x size (resized only if the file is not already that size)."""
-    import cv2
-
-    from tasks.core.images import decode
-
-    img = decode(Path(path).read_bytes())
-    if img.shape[:2] != (size, size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return img
-
-
-def flips(images: np.ndarray, tta: int) -> list[np.ndarray]:
-    """The TTA views: identity, then horizontal, vertical and both flips (first max(1, tta))."""
-    views = [images, images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
-    return views[: max(1, tta)]
-
-
-def predict_proba(model: Any, images: np.ndarray, metadata: np.ndarray | None = None, *, tta: int = 0,
-                  batch_size: int = 64) -> np.ndarray:
-    """Malignant probability per image (float64), averaged over the TTA flips."""
-    from tasks.models.classifier import IMAGE_INPUT, METADATA_INPUT, input_names
-
-    if len(images) == 0:
-        return np.zeros(0)
-    names = input_names(model)
-    if METADATA_INPUT in names and metadata is None:
-        raise ValueError("this model takes metadata (age, sex, site); none given")
-    n = len(images)
-    out = np.zeros(n)
-    views = flips(images, tta)
-    for view in views:
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            # Every batch padded to batch_size: one input shape, so the predict function is traced once.
-            feeds = {IMAGE_INPUT: _pad(np.asarray(view[start:stop], dtype=np.float32), batch_size)}
-            if METADATA_INPUT in names:
-                feeds[METADATA_INPUT] = _pad(np.asarray(metadata[start:stop], dtype=np.float32), batch_size)
-            out[start:stop] += np.asarray(model.predict_on_batch(feeds)).reshape(-1)[: stop - start]
-    return out / len(views)
-
-
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
-    if len(x) == n:
-        return np.ascontiguousarray(x)
-    return np.concatenate([x, np.zeros((n - len(x), *x.shape[1:]), x.dtype)])
-
-
 # --------------------------------------------------------------------------- tf.data
 def _aug_seed(base: int, k: int) -> int:
     return int(np.random.SeedSequence([base, k]).generate_state(1)[0])
@@ -299,7 +126,10 @@ def make_augment(augment_cfg: Any, size: int, base_seed: int,
                  factory: Callable[[Any, int], Any] | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """numpy fn (k, image) -> augmented image; the draw depends only on (base_seed, k), never on which
     tf.data thread runs it or in what order, so parallel augmentation stays deterministic."""
-    from tasks.augment import augment_copy, build_augmenter
+    try:
+        from tasks.core.augmentation import augment_copy, build_augmenter
+    except ImportError:  # until the albumentations helpers have moved out of the augment stage
+        from tasks.augment import augment_copy, build_augmenter  # noqa: I001
 
     factory = factory or build_augmenter
     local = threading.local()  # one augmenter per tf.data thread: albumentations objects hold RNG state
@@ -312,57 +142,6 @@ def make_augment(augment_cfg: Any, size: int, base_seed: int,
         return np.ascontiguousarray(out, dtype=np.uint8)
 
     return apply
-
-
-def make_dataset(files: Sequence[str], targets: np.ndarray, metadata: np.ndarray | None, *, size: int,
-                 batch_size: int, training: bool, seed: int = 0,
-                 augment: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                 cache: str | Path | None = "memory") -> Any:
-    """tf.data: parallel PNG decode -> cache (decoded, before augmentation) -> [seeded shuffle, repeat,
-    albumentations in tf.numpy_function] -> batch -> prefetch. Yields ({"image"[, "metadata"]}, target)."""
-    import tensorflow as tf
-
-    from tasks.models.classifier import IMAGE_INPUT, METADATA_INPUT
-
-    autotune = tf.data.AUTOTUNE
-    n = len(files)
-    meta = np.zeros((n, 0), np.float32) if metadata is None else np.asarray(metadata, np.float32)
-    ds = tf.data.Dataset.from_tensor_slices((list(map(str, files)), np.asarray(targets, np.float32).reshape(-1, 1),
-                                             meta))
-
-    def decode(path: Any, y: Any, m: Any) -> tuple[Any, Any, Any]:
-        img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        same = tf.reduce_all(tf.equal(tf.shape(img)[:2], [size, size]))
-        img = tf.cond(same, lambda: img,
-                      lambda: tf.cast(tf.round(tf.image.resize(img, [size, size], antialias=True)), tf.uint8))
-        return tf.ensure_shape(img, [size, size, 3]), y, m
-
-    ds = ds.map(decode, num_parallel_calls=autotune, deterministic=True)
-    if cache == "memory":
-        ds = ds.cache()
-    elif cache:
-        ds = ds.cache(str(cache))
-    if training:
-        ds = ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True).repeat()
-        if augment is not None:
-            def aug(k: Any, elem: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
-                img, y, m = elem
-                out = tf.numpy_function(augment, [k, img], tf.uint8, stateful=False)
-                return tf.ensure_shape(out, [size, size, 3]), y, m
-
-            # enumerate after repeat: k counts every draw of the whole run, so epochs differ but reruns match.
-            ds = ds.enumerate().map(aug, num_parallel_calls=autotune, deterministic=True)
-
-    with_meta = metadata is not None
-
-    def to_inputs(img: Any, y: Any, m: Any) -> tuple[dict[str, Any], Any]:
-        feeds = {IMAGE_INPUT: tf.cast(img, tf.float32)}
-        if with_meta:
-            feeds[METADATA_INPUT] = m
-        return feeds, y
-
-    ds = ds.map(to_inputs, num_parallel_calls=autotune, deterministic=True)
-    return ds.batch(batch_size).prefetch(autotune)
 
 
 # --------------------------------------------------------------------------- runtime
@@ -523,7 +302,7 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
 
 
 # --------------------------------------------------------------------------- config stored with the model
-def model_config(params: Params, *, meta_spec: dict[str, Any] | None, threshold: float, coef: list[float],
+def model_config(params: Any, *, meta_spec: dict[str, Any] | None, threshold: float, coef: list[float],
                  intercept: float, val: dict[str, Any]) -> dict[str, Any]:
     """What predict/evaluate/serve need besides the weights: exactly how training images were made."""
     cfg = params.train
@@ -540,30 +319,21 @@ def model_config(params: Params, *, meta_spec: dict[str, Any] | None, threshold:
         "stacker": {"kind": cfg.ensemble, "coef": coef, "intercept": intercept},
         "input_stage": INPUT_STAGE,
         "classes": ["benign", "malignant"],
+        # The whole [train] section: evaluate logs the model's training params from here (it reads no params.train).
+        "train": cfg.model_dump(mode="json"),
     }
 
 
 def save_model(model: Any, config: dict[str, Any], models_dir: Path) -> Path:
-    """models/classifier.keras + classifier.json, each written atomically."""
+    """models/classifier.keras (deterministic bytes) + classifier.json, each written atomically."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    final = models_dir / MODEL_FILE
-    with atomic_path(final) as tmp:
-        keras_tmp = tmp.with_name(tmp.name + ".keras")  # Keras insists on the .keras suffix (trap 13)
-        try:
-            model.save(keras_tmp)
-            os.replace(keras_tmp, tmp)
-        finally:
-            keras_tmp.unlink(missing_ok=True)
+    final = save_keras(model, models_dir / MODEL_FILE)
     write_json(models_dir / CONFIG_FILE, config)
     return final
 
 
-def load_val_images(files: Sequence[str], size: int) -> np.ndarray:
-    return np.stack([read_image(f, size) for f in files]) if len(files) else np.zeros((0, size, size, 3), np.uint8)
-
-
 # --------------------------------------------------------------------------- the stage
-def run(params: Params, paths: Paths, *, augmenter_factory: Callable[[Any, int], Any] | None = None) -> dict:
+def run(params: Any, paths: Paths, *, augmenter_factory: Callable[[Any, int], Any] | None = None) -> dict:
     """Train every member, stack them on val, choose the operating point, write model + reports."""
     cfg = params.train
     t0 = time.perf_counter()
@@ -644,21 +414,12 @@ def run(params: Params, paths: Paths, *, augmenter_factory: Callable[[Any, int],
     }
     write_json(report_dir / "metrics.json", round_floats(metrics))
     total = round(time.perf_counter() - t0, 2)
-    write_json(report_dir / "timing.json", {"seconds": total, "members": timing, "gpus": runtime.gpus,
-                                            "mixed_precision": runtime.mixed_precision})
+    (report_dir / "timing.json").unlink(missing_ok=True)  # the old name of run_stats.json
+    write_run_stats(paths, STAGE, {"seconds": total, "members": timing, "gpus": runtime.gpus,
+                                   "mixed_precision": runtime.mixed_precision})
     return {"val_auc": metrics["val_auc"], "threshold": threshold, "n_train": metrics["n_train"],
             "members": len(members), "seconds": total, "model": paths.rel(paths.models / MODEL_FILE)}
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if len(set(np.asarray(y).tolist())) == 2 else None
-
-
-def load_config(models_dir: Path) -> dict[str, Any]:
-    """models/classifier.json, with a clear error when train has not run."""
-    path = models_dir / CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `lesionflow stage train` first")
-    return json.loads(path.read_text())
+    return sklearn_auc(y, p)

@@ -11,63 +11,29 @@ lesions are equally odd). The score is a triage signal, not a diagnosis.
 Stage `ugly_duckling`: cleaned index (patient_id, target) + preprocessed images -> embedding and probability
 per image from models/, scores/ranks per patient, t-SNE plot, metrics (within-patient AUC of ud_score for
 malignant vs benign, top-1 hit rate; and the same on synthetic patients with one planted odd lesion).
+The outlier math is tasks/core/outliers.py; embeddings and probabilities come from the model bundle's `Scorer`
+(tasks/models/bundle.py), the same scoring path as evaluate, predict and screen.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.core.config import Params
+from tasks.core.errors import InputError
 from tasks.core.io import Paths, atomic_path, progress, read_index, write_index, write_json, write_table
+from tasks.core.outliers import l2_normalise, loo_centroid_scores, rank_desc
+from tasks.models.bundle import Scorer, load_bundle
+from tasks.models.inputs import read_image
 
 STAGE = "ugly_duckling"
 SCORE_COLUMNS = ["ud_score", "ud_rank", "ud_lesions"]
 
 
 # --------------------------------------------------------------------------- scores (pure)
-def l2_normalise(emb: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    emb = np.asarray(emb, dtype=np.float64)
-    norm = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.where(norm > 0, norm, 1.0)
-
-
-def loo_centroid_scores(emb: np.ndarray, groups: Sequence[Any] | None = None) -> np.ndarray:
-    """Distance of each row's group vector to the mean of the OTHER groups' vectors (one value per row).
-
-    `groups` (e.g. lesion_id) merges rows that show the same lesion; None = every row its own lesion.
-    Fewer than two groups -> NaN (nothing to compare with).
-    """
-    emb = np.asarray(emb, dtype=np.float64)
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D (n, d), got shape {emb.shape}")
-    keys = np.arange(len(emb)) if groups is None else pd.factorize(pd.Series(list(groups), dtype=object))[0]
-    n_groups = int(keys.max()) + 1 if len(keys) else 0
-    if n_groups < 2:
-        return np.full(len(emb), np.nan)
-    vecs = np.zeros((n_groups, emb.shape[1]))
-    np.add.at(vecs, keys, emb)
-    vecs /= np.bincount(keys, minlength=n_groups)[:, None]
-    total = vecs.sum(axis=0)
-    others = (total[None, :] - vecs) / (n_groups - 1)  # leave-one-out centroid per group
-    dist = np.linalg.norm(vecs - others, axis=1)
-    return dist[keys]
-
-
-def rank_desc(scores: np.ndarray) -> np.ndarray:
-    """1 = largest score; ties broken by order of appearance (stable), NaN ranks last."""
-    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
-    order = np.argsort(-s, kind="stable")
-    ranks = np.empty(len(s), dtype=np.int64)
-    ranks[order] = np.arange(1, len(s) + 1)
-    return ranks
-
-
 def score_patients(df: pd.DataFrame, emb: np.ndarray, min_lesions: int = 3, patient_col: str = "patient_id",
                    lesion_col: str | None = "lesion_id") -> pd.DataFrame:
     """ud_score, ud_rank (1 = most odd lesion of the patient; photos of one lesion share it) and ud_lesions
@@ -76,7 +42,7 @@ def score_patients(df: pd.DataFrame, emb: np.ndarray, min_lesions: int = 3, pati
     if len(df) != len(emb):
         raise ValueError(f"{len(df)} rows but {len(emb)} embeddings")
     if patient_col not in df:
-        raise ValueError(f"index has no `{patient_col}` column: ugly-duckling ranking needs patients")
+        raise InputError(f"index has no `{patient_col}` column: ugly-duckling ranking needs patients")
     emb = l2_normalise(emb)
     out = df.copy()
     scores = np.full(len(df), np.nan)
@@ -151,74 +117,6 @@ def within_patient_metrics(scored: pd.DataFrame, score_col: str = "ud_score", ta
     }
 
 
-# --------------------------------------------------------------------------- embeddings (Keras)
-def feature_layer_output(member: Any) -> Any:
-    """The penultimate representation of a member: `lf_features` if present, else the input of the last Dense."""
-    import keras
-
-    from tasks.models.classifier import FEATURES
-
-    try:
-        return member.get_layer(FEATURES).output
-    except ValueError:
-        dense = [layer for layer in member.layers if isinstance(layer, keras.layers.Dense)]
-        if not dense:
-            raise ValueError(f"model {member.name!r} has neither an `{FEATURES}` layer nor a Dense head") from None
-        return dense[-1].input
-
-
-def embedding_model(model: Any) -> Any:
-    """keras.Model: model inputs -> penultimate features (members of an ensemble concatenated)."""
-    import keras
-
-    from tasks.models.classifier import input_names, member_models
-
-    inputs = dict(zip(input_names(model), model.inputs))
-    members = member_models(model)
-    if members == [model]:  # a bare member: its own feature layer
-        return keras.Model(inputs, feature_layer_output(model), name="embedding")
-    outs = []
-    for member in members:
-        sub = keras.Model(dict(zip(input_names(member), member.inputs)), feature_layer_output(member))
-        outs.append(sub({k: inputs[k] for k in input_names(sub)}))
-    out = outs[0] if len(outs) == 1 else keras.layers.Concatenate(name="lf_embedding")(outs)
-    return keras.Model(inputs, out, name="embedding")
-
-
-@dataclass
-class Scorer:
-    """Probabilities and embeddings for RGB images of any size, through a model bundle's own preprocessing."""
-
-    bundle: Any
-    _embed: Any = field(default=None, repr=False)
-
-    def prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """RGB arrays -> (n, size, size, 3) model inputs, preprocessed exactly like training images."""
-        return np.stack([self.bundle.preprocess(np.ascontiguousarray(im)) for im in images])
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.bundle.predict_arrays(batch, self._metadata(len(batch)))
-
-    def embeddings(self, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        from tasks.models.classifier import IMAGE_INPUT, METADATA_INPUT
-
-        if self._embed is None:
-            self._embed = embedding_model(self.bundle.model)
-        names = [t.name for t in self._embed.inputs]
-        meta = self._metadata(len(batch))
-        parts = []
-        for start in range(0, len(batch), batch_size):
-            feeds = {IMAGE_INPUT: np.asarray(batch[start:start + batch_size], np.float32)}
-            if METADATA_INPUT in names:
-                feeds[METADATA_INPUT] = meta[start:start + batch_size]
-            parts.append(np.asarray(self._embed.predict_on_batch(feeds)))
-        return np.concatenate(parts) if parts else np.zeros((0, 0))
-
-    def _metadata(self, n: int) -> np.ndarray | None:
-        # Patches and wide-field crops carry no age/sex/site: a dual-input model gets them as "unknown".
-        return self.bundle.metadata(pd.DataFrame(index=range(n))) if self.bundle.config.get("metadata") else None
-
-
 # --------------------------------------------------------------------------- synthetic patients
 def synthetic_patients(n_patients: int, lesions: int, seed: int,
                        size: int = 128) -> tuple[list[np.ndarray], pd.DataFrame]:
@@ -229,7 +127,7 @@ def synthetic_patients(n_patients: int, lesions: int, seed: int,
     from tasks.fake.lesions import render_image, sample_lesion, sample_patient_style
 
     if lesions < 3:
-        raise ValueError("synthetic patients need >= 3 lesions (one odd + two to compare with)")
+        raise InputError("synthetic patients need >= 3 lesions (one odd + two to compare with)")
     rng = np.random.default_rng(seed)
     images, rows = [], []
     for p in range(n_patients):
@@ -315,7 +213,7 @@ def select_patients(clean: pd.DataFrame, min_lesions: int, max_patients: int | N
     """Rows of patients with >= min_lesions distinct lesions (target 0/1 only), optionally a seeded sample of them."""
     for col in ("patient_id", "target", "path"):
         if col not in clean:
-            raise ValueError(f"data/clean/index.parquet has no `{col}` column; rerun `lesionflow stage clean`")
+            raise InputError(f"data/clean/index.parquet has no `{col}` column; rerun `lesionflow stage clean`")
     d = clean[clean["patient_id"].notna() & clean["target"].notna()].copy()
     lesion = d["lesion_id"].where(d["lesion_id"].notna(), d["isic_id"]) if "lesion_id" in d else d["isic_id"]
     n_les = lesion.groupby(d["patient_id"]).transform("nunique")
@@ -331,8 +229,6 @@ def select_patients(clean: pd.DataFrame, min_lesions: int, max_patients: int | N
 def load_images(rows: pd.DataFrame, paths: Paths, scorer: Scorer) -> tuple[np.ndarray, list[int], list[str]]:
     """Model inputs for rows (processed_path when the preprocess stage made one, else the raw file through the
     bundle's preprocessing); returns (batch, ok row positions, error per failed row as 'pos: reason')."""
-    from tasks.train import read_image
-
     size = scorer.bundle.image_size
     imgs, ok, errors = [], [], []
     for i, row in enumerate(progress(rows.itertuples(index=False), total=len(rows), desc="ugly_duckling")):
@@ -362,18 +258,17 @@ def evaluate_synthetic(scorer: Scorer, n_patients: int, lesions: int, seed: int)
     return res
 
 
-def run(params: Params, paths: Paths, *, bundle: Any = None) -> dict:
+def run(params: Any, paths: Paths, *, bundle: Any = None) -> dict:
     """Embed, score and rank the lesions of every multi-lesion patient; plot, metrics, MLflow."""
-    from tasks.predict import load_bundle
-
     cfg = params.ugly_duckling
     out_dir, rep_dir = paths.stage(STAGE), paths.reports / STAGE
     clean = read_index(paths, "clean")
-    try:
-        pre = read_index(paths, "preprocess")[["source", "isic_id", "processed_path", "split"]]
-        clean = clean.merge(pre, on=["source", "isic_id"], how="left", suffixes=("", "_pre"))
-    except (FileNotFoundError, KeyError):
-        pass  # no preprocess index: raw files go through the bundle's preprocessing
+    if paths.index("preprocess").exists():
+        pre = read_index(paths, "preprocess")
+        cols = [c for c in ("source", "isic_id", "processed_path", "split") if c in pre]
+        if "processed_path" in cols:
+            clean = clean.merge(pre[cols], on=["source", "isic_id"], how="left", suffixes=("", "_pre"))
+    # else: no preprocess index, raw files go through the bundle's preprocessing
     rows = select_patients(clean, cfg.min_lesions, cfg.max_patients, cfg.seed)
     bundle = bundle or load_bundle(cfg.model if cfg.model else paths.models, paths.root)
     scorer = Scorer(bundle)
@@ -407,26 +302,11 @@ def run(params: Params, paths: Paths, *, bundle: Any = None) -> dict:
         _empty_plot(rep_dir / "tsne.png", f"{len(scored)} scored image(s): too few for t-SNE")
     write_json(rep_dir / "metrics.json", metrics)
     if cfg.mlflow:
-        metrics["mlflow_run_id"] = log_mlflow(paths, cfg, metrics, rep_dir)
+        from tasks import tracking
+
+        tracked = tracking.log_stage_run(STAGE, {STAGE: cfg}, paths, metrics=metrics, experiment=cfg.experiment,
+                                         artifacts=[rep_dir / f for f in ("metrics.json", "tsne.png")])
+        metrics["mlflow_run_id"] = tracked["mlflow_run_id"]
     return {"images": metrics["images"], "patients": metrics["real"]["patients"],
             "auc_pooled": metrics["real"]["auc_pooled"], "top1_hit_rate": metrics["real"]["top1_hit_rate"],
             "synthetic_top1_hit_rate": metrics["synthetic"].get("top1_hit_rate"), "errors": len(errors)}
-
-
-def log_mlflow(paths: Paths, cfg: Any, metrics: dict[str, Any], rep_dir: Path) -> str:
-    """One MLflow run: params, flattened numeric metrics, the plot and the metrics file."""
-    from tasks import tracking
-
-    with tracking.start_run(paths.root, run_name=STAGE, experiment=cfg.experiment, tags={"stage": STAGE}) as run:
-        client = tracking.client(paths.root)
-        rid = run.info.run_id
-        for k, v in cfg.model_dump(mode="json").items():
-            client.log_param(rid, f"ugly_duckling.{k}", v)
-        for k, v in tracking.numeric(tracking.flatten(metrics)).items():
-            client.log_metric(rid, k, v)
-        for f in ("metrics.json", "tsne.png"):
-            if (rep_dir / f).exists():
-                client.log_artifact(rid, str(rep_dir / f), artifact_path=STAGE)
-        return rid
-
-

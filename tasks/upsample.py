@@ -11,17 +11,21 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.core.config import Params, Upsample
-from tasks.core.io import KEY, Paths, read_index, write_bytes, write_index, write_json, write_table
-from tasks.cyclegan import GENERATOR_FILE, dihedral, train_domains
+from tasks.core.config import Upsample
+from tasks.core.errors import InputError, RunError
+from tasks.core.images import dihedral
+from tasks.core.io import KEY, Paths, read_index, write_bytes, write_index, write_json, write_run_stats, write_table
+from tasks.models.gan import GENERATOR_FILE
+from tasks.models.inputs import train_domains
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,9 @@ FILE_COLUMNS = {"content_sha256": "sha256", "file_size": "file_size", "pixels_x"
 def n_to_generate(n_malignant: int, n_benign: int, target_ratio: float) -> int:
     """Smallest k >= 0 with (m + k) / (m + b + k) >= target_ratio; 0 when the ratio is 0 or already reached."""
     if n_malignant < 0 or n_benign < 0:
-        raise ValueError(f"counts must be >= 0 (got malignant={n_malignant}, benign={n_benign})")
+        raise InputError(f"counts must be >= 0 (got malignant={n_malignant}, benign={n_benign})")
     if not 0 <= target_ratio < 1:
-        raise ValueError(f"target_ratio must be in [0, 1), got {target_ratio}")
+        raise InputError(f"target_ratio must be in [0, 1), got {target_ratio}")
     if target_ratio == 0:
         return 0
     r = Fraction(str(target_ratio))  # exact decimal: 0.3 means 3/10, not the float just below it
@@ -119,7 +123,7 @@ def combine(index: pd.DataFrame, synthetic: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-class LeakError(RuntimeError):
+class LeakError(RunError):
     """A synthetic row would reach val/test, come from a non-benign-train image, or leave its source's group."""
 
 
@@ -163,7 +167,7 @@ def upscale(source_hi: np.ndarray, source_lo: np.ndarray, fake_lo: np.ndarray, m
         up = cv2.resize(fake_lo.astype(np.float32), (w, h), interpolation=interp)
         return np.clip(np.rint(up), 0, 255).astype(np.uint8)
     if mode != "residual":
-        raise ValueError(f"upscale mode must be 'residual' or 'resize', got {mode!r}")
+        raise InputError(f"upscale mode must be 'residual' or 'resize', got {mode!r}")
     delta = fake_lo.astype(np.float32) - source_lo.astype(np.float32)
     up = cv2.resize(delta, (w, h), interpolation=interp)
     return np.clip(np.rint(source_hi.astype(np.float32) + up), 0, 255).astype(np.uint8)
@@ -249,7 +253,8 @@ def image_features(images: Iterable[np.ndarray], size: int = 32) -> np.ndarray:
     return np.asarray(feats, dtype=np.float64).reshape(len(feats), -1)
 
 
-def kid(x: np.ndarray, y: np.ndarray, n_subsets: int = 20, subset_size: int = 100, seed: int = 0) -> tuple[float, float]:
+def kid(x: np.ndarray, y: np.ndarray, n_subsets: int = 20, subset_size: int = 100,
+        seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Binkowski et al. 2018) on given embeddings: unbiased MMD^2 with the cubic
     polynomial kernel (x.y/d + 1)^3, averaged over random subsets; (mean, std)."""
     m = min(len(x), len(y), subset_size)
@@ -343,14 +348,14 @@ def _read_rgb(paths: Paths, rel: Iterable[str]) -> list[np.ndarray]:
     return out
 
 
-def run(params: Params, paths: Paths) -> dict:
+def run(params: Any, paths: Paths) -> dict:
     """Upsample the malignant share of the train split to `upsample.target_ratio` with CycleGAN images."""
     cfg = params.upsample
     t0 = time.perf_counter()
     index = read_index(paths, INPUT_STAGE)
     for col in ("synthetic", "source_isic_id", "source_source"):
         if col in index.columns:
-            raise ValueError(f"{paths.index(INPUT_STAGE)}: already has column {col!r}; upsample reads the "
+            raise InputError(f"{paths.index(INPUT_STAGE)}: already has column {col!r}; upsample reads the "
                              f"{INPUT_STAGE} output, not its own")
     benign, malignant = train_domains(index, str(paths.index(INPUT_STAGE)))
     k = n_to_generate(len(malignant), len(benign), cfg.target_ratio)
@@ -395,21 +400,23 @@ def run(params: Params, paths: Paths) -> dict:
         metrics.update(_quality_report(cfg, paths, index, benign, malignant, gen, report_dir))
         artifacts.append(report_dir / "quality.png")
     if gen is not None and gen.samples:
-        from tasks.core.images import encode_png
-        from tasks.cyclegan import titled_grid
+        from tasks.core.images import encode_png, titled_grid
 
         size = max(96, gen.samples[0][0].shape[0])
         grid = titled_grid([[a for a, _ in gen.samples], [b for _, b in gen.samples]], size,
                            ("benign source", "synthetic"), [])
         write_bytes(report_dir / "samples.png", encode_png(grid))
         artifacts.append(report_dir / "samples.png")
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
     write_json(report_dir / "metrics.json", metrics)
+    stats = {"seconds": round(time.perf_counter() - t0, 2)}
+    write_run_stats(paths, STAGE, stats)
     tracked: dict[str, Any] = {"mlflow": "off"}
     if cfg.mlflow:
-        from tasks.cyclegan import track
+        from tasks import tracking
 
-        tracked = track(STAGE, cfg, paths, metrics, [report_dir / "metrics.json", *artifacts])
+        tracked = tracking.log_stage_run(STAGE, {STAGE: cfg}, paths, metrics={**metrics, **stats},
+                                         artifacts=[report_dir / "metrics.json", *artifacts],
+                                         experiment=cfg.experiment)
     write_json(report_dir / "mlflow.json", tracked)  # run ids change every run: kept out of the DVC metrics
     return {k_: metrics.get(k_) for k_ in ("requested", "generated", "ratio_before", "ratio_after",
                                            "synthetic_called_malignant", "kid_synthetic_vs_malignant")} | tracked

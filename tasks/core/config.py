@@ -1,4 +1,10 @@
-"""Typed, validated params.yaml: the one place that parses it (pydantic, unknown keys rejected)."""
+"""Typed, validated params.yaml: the one place that parses it (pydantic, strict, unknown keys rejected).
+
+params.yaml is the record of every value a run uses: params files must be complete (`load_params` refuses a
+missing key), so DVC sees every value and a default changes only by editing the file, which reruns exactly the
+stages that read it. The defaults written below exist so library callers and tests can build a section in code;
+tests/tasks/core/test_config.py keeps them equal to params.yaml, so the two can never drift.
+"""
 
 from __future__ import annotations
 
@@ -99,7 +105,7 @@ class Ingest(Strict):
 
 # --------------------------------------------------------------------------- data preparation
 class Dedupe(Strict):
-    """Exact + near-duplicate detection (tasks/dedupe.py); README 'Dedupe' explains each knob."""
+    """Exact + near-duplicate detection (tasks/dedupe.py); docs/stages/dedupe.md explains each knob."""
 
     phash_max_distance: int = Field(default=64, ge=0, le=256)  # candidate radius on the 256-bit pHash
     verify_corr_min: float = Field(default=0.95, ge=-1.0, le=1.0)  # grey-thumbnail correlation (aligned)
@@ -142,9 +148,9 @@ class Split(Strict):
 
 
 class Preprocess(Strict):
-    """Resize + enhancement of every split image into data/preprocess (see README)."""
+    """Resize + enhancement of every split image into data/preprocess (docs/stages/preprocess.md)."""
 
-    size: int = Field(default=128, ge=16, le=1024)  # output side in px (square)
+    size: int = Field(default=64, ge=16, le=1024)  # output side in px (square)
     aspect: Literal["pad", "crop"] = "pad"  # pad = letterbox the whole image; crop = centre square
     pad_mode: Literal["constant", "edge"] = "constant"  # letterbox fill: pad_value, or replicate the border
     pad_value: int = Field(default=0, ge=0, le=255)
@@ -192,7 +198,7 @@ class Augment(Strict):
 
 # --------------------------------------------------------------------------- cyclegan / upsample
 class Cyclegan(Strict):
-    """Benign->malignant CycleGAN on the train split (tasks/cyclegan.py, README)."""
+    """Benign->malignant CycleGAN on the train split (tasks/cyclegan.py, docs/stages/cyclegan.md)."""
 
     seed: int = 0
     image_size: int = Field(default=32, ge=16, le=512)  # GAN resolution (multiple of 4); train images resized to it
@@ -201,8 +207,8 @@ class Cyclegan(Strict):
     disc_filters: int = Field(default=16, ge=1, le=256)  # PatchGAN width (paper: 64)
     disc_downsamples: int | None = Field(default=None, ge=1, le=7)  # None = field scaled like 70 px of 256
     batch_size: int = Field(default=1, ge=1, le=256)  # paper: 1
-    epochs: int = Field(default=5, ge=0)
-    steps_per_epoch: int = Field(default=60, ge=1)
+    epochs: int = Field(default=4, ge=0)
+    steps_per_epoch: int = Field(default=50, ge=1)
     decay_epochs: int = Field(default=2, ge=0)  # the last N epochs decay the learning rate linearly to 0
     lr: float = Field(default=2e-4, gt=0)
     beta_1: float = Field(default=0.5, ge=0, lt=1)
@@ -269,10 +275,10 @@ class Member(Strict):
 
 
 class Train(Strict):
-    """Classifier training (tasks/train.py, README)."""
+    """Classifier training (tasks/train.py, docs/stages/train.md)."""
 
     seed: int = 0
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_size: int = Field(default=8, ge=1, le=4096)
     epochs: int = Field(default=10, ge=0)  # phase 1: head only for transfer members, whole net for small_cnn
     lr: float = Field(default=1e-3, gt=0)
     fine_tune_epochs: int = Field(default=0, ge=0)  # phase 2: top `fine_tune_layers` backbone layers unfrozen

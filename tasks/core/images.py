@@ -3,6 +3,10 @@ constancy, PNG encoding and sample grids. Every stage and app that touches pixel
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import threading
 from functools import lru_cache
 from typing import Any, Literal, Sequence
 
@@ -10,6 +14,7 @@ import cv2
 import numpy as np
 
 from tasks.core.config import Preprocess
+from tasks.core.errors import InputError
 
 
 def _interp(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
@@ -142,13 +147,258 @@ def as_rgb(img: np.ndarray) -> np.ndarray:
 
 
 
-def decode(data: bytes) -> np.ndarray:
-    """Encoded image bytes (JPEG, PNG, ...) -> uint8 RGB; ValueError if OpenCV cannot decode them."""
+# --------------------------------------------------------------------------- decoding, with limits
+DEFAULT_MAX_PIXELS = 50_000_000
+REJECT_REASONS = ("unreadable", "corrupt", "too_large", "too_small", "not_a_file")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libjpeg reports damaged scan data only as warnings on stderr and still returns pixels (grey-filled or
+# garbled); these message prefixes (jerror.h) mean the pixels are not the photo. Other warnings (an unknown
+# JFIF revision, an Adobe transform code) are harmless and passed through to stderr.
+_LIBJPEG_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters",
+                    "Inconsistent progression sequence", "Application transferred too many scanlines")
+# SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG extension) and CC (DAC) share the range but do not.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01, 0xD8}
+
+
+class ImageRejected(InputError):
+    """An image that must not be used; `reason` is one of REJECT_REASONS, the message says why.
+
+    Subclasses InputError and so ValueError: callers that catch ValueError keep working."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; one of {REJECT_REASONS}")
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across process pools
+        return (type(self), (self.reason, str(self)))
+
+
+def image_format(data: bytes) -> str | None:
+    """'jpeg', 'png' or None, from the signature."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == _PNG_SIGNATURE:
+        return "png"
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first SOF segment, walking the marker segments before the first scan."""
+    n, p = len(data), 2
+    while p + 4 <= n:
+        if data[p] != 0xFF:  # extraneous bytes between segments: libjpeg skips them too
+            p = data.find(b"\xff", p)
+            if p < 0:
+                return None
+            continue
+        marker = data[p + 1]
+        if marker == 0xFF:  # fill byte
+            p += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            p += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        length = int.from_bytes(data[p + 2:p + 4], "big")
+        if marker in _JPEG_SOF:
+            if p + 9 > n or length < 8:
+                return None
+            return int.from_bytes(data[p + 7:p + 9], "big"), int.from_bytes(data[p + 5:p + 7], "big")
+        if length < 2:
+            return None
+        p += 2 + length
+    return None
+
+
+def _other_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of BMP, TIFF, WEBP, GIF, ... from Pillow's format plugins, which read only the header.
+
+    This mirrors what `PIL.Image.open` does (try each plugin whose `accept` matches the prefix) without its
+    decompression-bomb check, which would raise above ~179 MP before the size could be read; pixels are
+    only decoded on `load()`, which is never called here."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept and not accept(data[:16]):
+                continue
+            im = factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, ValueError, struct.error, OSError, EOFError):
+            continue
+        try:
+            w, h = (int(v) for v in im.size)
+        finally:
+            im.close()
+        return w, h
+    return None
+
+
+def probe_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file header, without decoding pixels; None if the format or header is unknown.
+
+    JPEG: the SOF segment; PNG: the IHDR chunk; other formats: Pillow's header parsers (lazy open)."""
+    data = bytes(data) if not isinstance(data, bytes) else data
+    fmt = image_format(data)
+    if fmt == "jpeg":
+        return _jpeg_size(data)
+    if fmt == "png":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return _other_size(data) if data else None
+
+
+def truncation(data: bytes) -> str | None:
+    """Why `data` is a cut-short JPEG or PNG (None if it is not).
+
+    JPEG: a start-of-scan without an EOI marker after the last one. OpenCV 4.x grey-fills such a file (libjpeg
+    only warns), 5.0 returns None, so truncation is detected here, independent of the version. Entropy-coded
+    data byte-stuffs 0xFF, so FFD9 cannot occur inside a scan; an EXIF thumbnail's own EOI comes before the
+    main SOS; trailing junk after EOI is tolerated. A file with no SOS at all (cut inside the headers) is left
+    to the decoder. PNG: no IEND chunk."""
+    fmt = image_format(data)
+    if fmt == "jpeg":
+        sos = data.rfind(b"\xff\xda")
+        if sos >= 0 and data.find(b"\xff\xd9", sos + 2) < 0:
+            return f"truncated: JPEG without end-of-image marker after its last scan ({len(data)} bytes)"
+    elif fmt == "png" and data.rfind(b"IEND") < 0:
+        return f"truncated: PNG without IEND chunk ({len(data)} bytes)"
+    return None
+
+
+def check_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header; ImageRejected before any pixel is decoded if the header is unknown
+    (unreadable), empty (unreadable) or says more than `max_pixels` (too_large)."""
+    size = probe_size(data) if data else None
+    if size is None:
+        what = "empty file" if not data else f"first bytes {bytes(data[:8]).hex()}"
+        raise ImageRejected("unreadable", f"cannot decode image: not a format lesionflow reads (JPEG, PNG, TIFF, "
+                                          f"BMP, WEBP, ...) or a damaged header ({what}, {len(data)} bytes)")
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageRejected("unreadable", f"cannot decode image: its header says {w}x{h} px")
+    if w * h > max_pixels:
+        raise ImageRejected("too_large", f"image header says {w}x{h} = {w * h:,} px, over the cap of "
+                                         f"{max_pixels:,} px (max_pixels); not decoded")
+    return w, h
+
+
+_stderr_lock = threading.Lock()
+
+
+def _new_stderr_lock() -> None:
+    global _stderr_lock
+    _stderr_lock = threading.Lock()  # a lock held by another thread at fork time would stay held in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_stderr_lock)
+
+
+def _imdecode_jpeg(buf: np.ndarray, flags: int) -> tuple[np.ndarray | None, str]:
+    """cv2.imdecode with C-level stderr (fd 2) captured, so libjpeg's corruption warnings can be seen.
+
+    fd 2 is per process, hence the lock: threads decoding JPEGs in one process take turns (process pools do
+    not contend). Text that is not a libjpeg corruption warning is written back to stderr."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: decode without the check
+        return cv2.imdecode(buf, flags), ""
+    with _stderr_lock:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+        sink = os.memfd_create("lesionflow-stderr") if hasattr(os, "memfd_create") else None
+        tmp = None
+        if sink is None:
+            tmp = tempfile.TemporaryFile()
+            sink = tmp.fileno()
+        try:
+            os.dup2(sink, 2)
+            try:
+                img = cv2.imdecode(buf, flags)
+            finally:
+                os.dup2(saved, 2)
+            os.lseek(sink, 0, os.SEEK_SET)
+            chunks = []
+            while block := os.read(sink, 1 << 16):
+                chunks.append(block)
+        finally:
+            os.close(saved)
+            if tmp is not None:
+                tmp.close()
+            else:
+                os.close(sink)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    corrupt = [ln for ln in text.splitlines() if ln.startswith(_LIBJPEG_CORRUPT)]
+    rest = "".join(ln + "\n" for ln in text.splitlines() if ln and not ln.startswith(_LIBJPEG_CORRUPT))
+    if rest:
+        os.write(2, rest.encode())
+    return img, "; ".join(dict.fromkeys(corrupt))
+
+
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+           apply_orientation: bool = True) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) -> uint8 RGB, checked before and after decoding.
+
+    Raises ImageRejected: a header over `max_pixels` -> too_large (before any pixel is decoded); a truncated
+    JPEG/PNG or libjpeg's "Corrupt JPEG data" / "Premature end of JPEG file" -> corrupt; anything OpenCV cannot
+    decode -> unreadable; a shorter side below `min_side` -> too_small. Valid images decode exactly as
+    `cv2.imdecode(IMREAD_COLOR)` (EXIF orientation applied unless `apply_orientation=False`) converted to RGB.
+    """
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    w, h = check_size(data, max_pixels)
+    cut = truncation(data)
+    if cut:
+        raise ImageRejected("corrupt", cut)
     buf = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-    if bgr is None:
-        raise ValueError(f"cannot decode image ({len(data)} bytes; not an image OpenCV reads, or corrupt)")
+    flags = cv2.IMREAD_COLOR if apply_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        if image_format(data) == "jpeg":
+            bgr, warnings = _imdecode_jpeg(buf, flags)
+        else:
+            bgr, warnings = cv2.imdecode(buf, flags), ""
+    except cv2.error as exc:  # some damaged headers raise instead of returning None
+        raise ImageRejected("unreadable", f"cannot decode image: OpenCV fails on this {w}x{h} image: "
+                                          f"{getattr(exc, 'msg', exc)}") from None
+    if warnings:
+        raise ImageRejected("corrupt", f"damaged JPEG scan data ({warnings})")
+    if bgr is None or bgr.size == 0:
+        raise ImageRejected("unreadable", f"cannot decode image ({len(data)} bytes, header {w}x{h}): not an "
+                                          "image OpenCV reads, or corrupt")
+    if min(bgr.shape[:2]) < min_side:
+        raise ImageRejected("too_small", f"{bgr.shape[1]}x{bgr.shape[0]} px: shorter side < min_side {min_side}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_file(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = 1) -> np.ndarray:
+    """Read and decode one image file; a missing path or a folder is ImageRejected('not_a_file')."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        what = "a folder" if os.path.isdir(p) else "missing"
+        raise ImageRejected("not_a_file", f"{p}: {what}, not an image file")
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"{p}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return decode(data, max_pixels=max_pixels, min_side=min_side)
+    except ImageRejected as exc:
+        raise ImageRejected(exc.reason, f"{p}: {exc}") from None
 
 
 
@@ -179,7 +429,10 @@ def process_image(image: bytes | np.ndarray, cfg: Preprocess) -> np.ndarray:
     scale so cost per image is bounded whatever the input resolution; the pad comes last so the border never
     enters the colour estimate, the hair detector or the CLAHE histograms.
     """
-    img = decode(image) if isinstance(image, (bytes, bytearray, memoryview)) else as_rgb(np.asarray(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        img = decode(bytes(image), max_pixels=getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
+    else:
+        img = as_rgb(np.asarray(image))
     img = fit(img, cfg.size, cfg.aspect)
     if cfg.color_constancy:
         img = shades_of_grey(img, cfg.cc_power)
@@ -206,3 +459,23 @@ def sample_grid(columns: Sequence[Sequence[np.ndarray]], size: int, labels: Sequ
         cv2.putText(grid, text, (gap + 3, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
     return grid
 
+
+
+def dihedral(images: np.ndarray, k: int | np.ndarray) -> np.ndarray:
+    """Apply one of the 8 flips/90-degree turns (k in 0..7) to an HxWxC image, or per image of an NxHxWxC batch."""
+    if images.ndim == 3:
+        out = np.rot90(images, int(k) % 4, axes=(0, 1))
+        return np.ascontiguousarray(out[:, ::-1] if int(k) >= 4 else out)
+    ks = np.broadcast_to(np.asarray(k), (len(images),))
+    return np.stack([dihedral(img, kk) for img, kk in zip(images, ks)]) if len(images) else images.copy()
+
+
+def titled_grid(columns: list[list[np.ndarray]], tile: int, titles: tuple[str, ...],
+                row_labels: list[str]) -> np.ndarray:
+    """sample_grid plus a header row naming the columns."""
+    grid = sample_grid(columns, tile, labels=row_labels)
+    header = np.full((18, grid.shape[1], 3), 255, np.uint8)
+    for ci, text in enumerate(titles):
+        cv2.putText(header, text, (2 + ci * (tile + 2) + 3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return np.concatenate([header, grid])

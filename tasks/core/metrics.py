@@ -9,7 +9,8 @@ Pure numpy/pandas (scipy/sklearn imported inside functions); no TensorFlow, no M
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -6,7 +6,8 @@ OTHER groups (leave-one-out), on L2-normalised embeddings; `rank_desc` turns sco
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

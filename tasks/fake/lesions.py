@@ -171,7 +171,8 @@ def sample_lesion(rng: np.random.Generator, label: str, style: PatientStyle) -> 
     n_col = int(np.clip(round(0.6 + 4.6 * a + rng.normal(0, 0.5)), 1, 5))
     darken = 1.0 - 0.35 * style.skin_tone  # pigment stays darker than darker skin
     brown_mix = float(np.clip(style.nevus_brown + rng.normal(0, 0.12) + 0.5 * a, 0, 1))
-    base = tuple(float(darken * ((1 - brown_mix) * lb + brown_mix * mb)) for lb, mb in zip(LIGHT_BROWN, MID_BROWN))
+    base = tuple(float(darken * ((1 - brown_mix) * lb + brown_mix * mb))
+                 for lb, mb in zip(LIGHT_BROWN, MID_BROWN, strict=True))
     colours: list[tuple[float, ...]] = [base]
     if n_col >= 2:
         colours.append(tuple(darken * c for c in DARK_BROWN))
@@ -684,7 +685,7 @@ def plan(n: int, seed: int = 0, malignant_fraction: float = 0.3, image_size: int
             rows.append(_Row(meta=meta, role="corrupt", lesion=len(specs) - 1, kind=kind, width=w, height=h,
                              photo_seed=int(r_trouble.integers(2**63)), extra={"patient": p}))
     # Ids last, shuffled, so neither order nor id gives a planted row away.
-    for r, num in zip(rows, r_ids.permutation(len(rows)) + ID_BASE):
+    for r, num in zip(rows, r_ids.permutation(len(rows)) + ID_BASE, strict=True):
         r.meta["isic_id"] = f"ISIC_{num:07d}"
     return rows, specs, styles
 

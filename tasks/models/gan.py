@@ -16,6 +16,7 @@ import numpy as np
 
 # Weight init of the paper (N(0, 0.02)); instance norm = GroupNormalization with one group per channel.
 INIT_STDDEV = 0.02
+GENERATOR_FILE = "generator_b2m.keras"  # models/cyclegan/<this>: written by cyclegan, read by upsample
 NORM_EPSILON = 1e-5
 
 

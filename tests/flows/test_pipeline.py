@@ -13,6 +13,7 @@ import pytest
 from flows import pipeline
 from flows.pipeline import PipelineError, plan, registry_mismatch
 from flows.stages import Stage
+from tasks.core.config import ParamsError
 from tests.flows.conftest import ROOT, ToyStage, dvc, write_dvc_yaml
 
 
@@ -78,7 +79,9 @@ def toy_inprocess(tmp_path, monkeypatch):
         def run(params, paths):
             from prefect.context import TaskRunContext
 
-            assert paths.root == tmp_path.resolve() and params.split.train == 0.7  # the validated Params
+            assert paths.root == tmp_path.resolve() and getattr(params, name) is not None  # the validated Params
+            with pytest.raises(ParamsError, match="declares only"):  # a stage sees only its declared sections
+                _ = params.split
             if name == "ingest" and state["ingest_failures"] > 0:
                 state["ingest_failures"] -= 1
                 raise ConnectionError("flaky network")
@@ -172,8 +175,8 @@ def test_subset_of_stages(prefect_harness, toy_inprocess):
 def test_dvc_executor_skips_up_to_date_and_streams_logs(prefect_harness, toy, monkeypatch):
     lines: list[str] = []
     real = pipeline.execute_dvc
-    monkeypatch.setattr(pipeline, "execute_dvc",
-                        lambda stage, root, force, emit: real(stage, root, force, lambda l: (lines.append(l), emit(l))))
+    monkeypatch.setattr(pipeline, "execute_dvc", lambda stage, root, force, emit, *rest: real(
+        stage, root, force, lambda line: (lines.append(line), emit(line)), *rest))
     results = pipeline.pipeline_flow(root=str(toy), executor="dvc")
     assert [(r["stage"], r["ran"]) for r in results] == [("ingest", False), ("train", False)]
     assert "Stage 'ingest' didn't change, skipping" in lines

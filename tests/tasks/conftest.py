@@ -47,7 +47,7 @@ def build_tiny_project(root: Path, params: Params, seed: int = 0, splits: dict[s
 
     from tasks.core.images import encode_png, process_image
     from tasks.core.io import Paths, write_index
-    from tasks.train import INPUT_STAGE
+    from tasks.models.inputs import INPUT_STAGE
 
     paths = Paths(root)
     rng = np.random.default_rng(seed)

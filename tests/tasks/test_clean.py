@@ -13,7 +13,6 @@ import pytest
 
 from tasks.clean import (
     SchemaError,
-    _jpeg_truncated,
     check_image_bytes,
     check_input_schema,
     clean_index,
@@ -21,6 +20,7 @@ from tasks.clean import (
     run,
 )
 from tasks.core.config import Clean, parse_params
+from tasks.core.images import truncation
 from tasks.core.io import Paths, write_index
 
 
@@ -201,7 +201,7 @@ def test_bad_images_are_quarantined_not_crashed(b):
 def test_truncated_jpeg_detected_by_marker_whatever_opencv_does(frac):
     data = jpeg(64, 64)
     cut = data[: int(len(data) * frac)]  # OpenCV 4.x decodes this grey-filled; 5.0 returns None
-    assert _jpeg_truncated(cut) and not _jpeg_truncated(data)
+    assert truncation(cut) and not truncation(data)
     assert check_image_bytes(cut, 32).reason == "truncated"
     assert check_image_bytes(data, 32).reason is None
 
@@ -276,3 +276,65 @@ def test_empty_input_does_not_crash(b):
     b.add(1, None, diagnosis_1=None)
     res = clean(b)
     assert res.index.empty and res.dropped["reason"].tolist() == ["unlabeled"]
+
+
+# --------------------------------------------------------------------------- hardening
+def test_bomb_damaged_and_truncated_jpegs_are_quarantined_with_their_reason(b):
+    """Regression: a header claiming 20000x20000 was decoded (1.2 GB), and a JPEG with garbage in its scan data
+    decoded to garbled pixels that were kept (libjpeg only warned on stderr)."""
+    from tests.tasks.core.image_fixtures import bomb_jpeg, garbage_scan_jpeg, truncated_jpeg, valid_jpeg
+
+    b.add(1, valid_jpeg(80, 60))
+    b.add(2, bomb_jpeg())
+    b.add(3, garbage_scan_jpeg())
+    b.add(4, truncated_jpeg())
+    res = clean(b, workers=1)
+    q = res.quarantine.set_index("isic_id")
+    assert q["reason"].to_dict() == {"ISIC_0000002": "too_large", "ISIC_0000003": "corrupt",
+                                     "ISIC_0000004": "truncated"}
+    assert "20000x20000" in q.at["ISIC_0000002", "detail"] and "Corrupt JPEG data" in q.at["ISIC_0000003", "detail"]
+    assert res.index["isic_id"].tolist() == ["ISIC_0000001"]
+    assert res.metrics["quarantined"] == 3
+
+
+def test_pixel_cap_is_checked_before_decoding(monkeypatch):
+    from tasks.core import images
+    from tests.tasks.core.image_fixtures import valid_jpeg
+
+    data = valid_jpeg(100, 50)
+    assert check_image_bytes(data, 32, max_pixels=5000).reason is None
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    check = check_image_bytes(data, 32, max_pixels=4999)
+    assert check.reason == "too_large" and "over the cap of 4,999 px" in check.detail
+
+
+def test_too_small_keeps_its_size():
+    c = check_image_bytes(jpeg(20, 200), 32)
+    assert (c.reason, c.width, c.height) == ("too_small", 20, 200)
+
+
+def test_forced_rerun_is_byte_identical_and_timings_are_not_metrics(b):
+    b.add(1, jpeg(), diagnosis_1="Malignant")
+    b.add(2, jpeg(seed=2))
+    b.add(3, b"broken")
+    paths = Paths(b.root)
+    write_index(b.df(), paths, "dedupe")
+    params = parse_params({"ingest": {"sources": [{"kind": "synthetic"}]}})
+
+    def outputs() -> dict[str, bytes]:
+        files = [*paths.stage("clean").rglob("*"), *(paths.reports / "clean").rglob("*")]
+        return {str(p): p.read_bytes() for p in files if p.is_file() and p.name != "run_stats.json"}
+
+    run(params, paths)
+    first = outputs()
+    run(params, paths)
+    assert outputs() == first
+    metrics = json.loads((paths.reports / "clean" / "metrics.json").read_text())
+    stats = json.loads((paths.reports / "clean" / "run_stats.json").read_text())
+    assert "timing" not in metrics and stats["images_checked"] == 3 and "image_check_s" in stats
+
+
+def test_schema_error_is_an_input_error():
+    from tasks.core.errors import InputError
+
+    assert issubclass(SchemaError, InputError)

@@ -11,8 +11,10 @@ import pytest
 
 from tasks import cyclegan as cg
 from tasks.core.config import Cyclegan, ParamsError, parse_params
+from tasks.core.images import dihedral
 from tasks.core.io import Paths
 from tasks.models.gan import (
+    GENERATOR_FILE,
     GanConfig,
     linear_decay_lr,
     patchgan_downsamples,
@@ -20,6 +22,7 @@ from tasks.models.gan import (
     to_uint8,
     to_unit,
 )
+from tasks.models.inputs import train_domains
 from tests.tasks.gan_fixture import make_preprocess
 
 TINY = dict(image_size=16, base_filters=4, n_res_blocks=1, disc_filters=4, pool_size=3)
@@ -59,11 +62,11 @@ def test_unit_range_round_trip_is_exact():
 
 def test_dihedral_gives_eight_distinct_orientations_and_batches():
     img = np.arange(27, dtype=np.uint8).reshape(3, 3, 3)
-    outs = {cg.dihedral(img, k).tobytes() for k in range(8)}
+    outs = {dihedral(img, k).tobytes() for k in range(8)}
     assert len(outs) == 8
     batch = np.stack([img, img])
-    got = cg.dihedral(batch, np.array([0, 5]))
-    assert np.array_equal(got[0], img) and np.array_equal(got[1], cg.dihedral(img, 5))
+    got = dihedral(batch, np.array([0, 5]))
+    assert np.array_equal(got[0], img) and np.array_equal(got[1], dihedral(img, 5))
 
 
 def test_batch_plan_depends_only_on_seed_and_step():
@@ -86,11 +89,11 @@ def test_train_domains_use_real_train_images_only():
         "synthetic": [False, False, False, False, False, True, False],
         "augmented_from": [None, None, None, None, None, None, "s"],
     })
-    benign, malignant = cg.train_domains(rows)
+    benign, malignant = train_domains(rows)
     assert benign["isic_id"].tolist() == ["a", "e"]  # sorted; val/test and the augmented copy g excluded
     assert malignant["isic_id"].tolist() == ["d"]  # the synthetic f excluded
     with pytest.raises(ValueError, match="processed_path"):
-        cg.train_domains(rows.drop(columns=["processed_path"]), "idx.parquet")
+        train_domains(rows.drop(columns=["processed_path"]), "idx.parquet")
 
 
 def test_fingerprint_ignores_run_length_but_not_architecture_or_data():
@@ -256,8 +259,8 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path: Path):
     # As if killed right after epoch 1's checkpoint (decay_epochs=0: the lr schedule does not depend on epochs).
     cg.run(tiny_params(epochs=1), resumed)
     assert cg.run(tiny_params(epochs=2), resumed)["resumed_from_step"] == 2
-    a = _weights(straight.models / "cyclegan" / cg.GENERATOR_FILE)
-    b = _weights(resumed.models / "cyclegan" / cg.GENERATOR_FILE)
+    a = _weights(straight.models / "cyclegan" / GENERATOR_FILE)
+    b = _weights(resumed.models / "cyclegan" / GENERATOR_FILE)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 

@@ -13,58 +13,11 @@ import pandas as pd
 import pytest
 
 from tasks import dedupe as D
+from tasks.core.errors import RunError
+from tasks.core.neardup import FeatureCache
 from tasks.core.config import parse_params
 from tasks.core.io import KEY, Paths, write_index
-
-
-# --------------------------------------------------------------------------- synthetic images
-def lesion_image(seed: int, size: tuple[int, int] = (200, 150), texture_seed: int | None = None) -> np.ndarray:
-    """A dermoscopy-like BGR image: skin with blotchy texture, a dark vignette, a textured lesion, hairs.
-
-    `texture_seed` varies only the fine texture, so two images with the same `seed` and different
-    texture seeds are look-alikes: same composition and vignette, different photo."""
-    w, h = size
-    rng = np.random.default_rng(seed)
-    trng = np.random.default_rng(seed * 7919 + 1 if texture_seed is None else texture_seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    skin = np.array([150, 170, 225], np.float32) + rng.uniform(-20, 20, 3)
-    img = np.ones((h, w, 3), np.float32) * skin
-    img += (xx / w - 0.5)[..., None] * rng.uniform(-30, 30)  # illumination gradient
-    tex = cv2.GaussianBlur(trng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 3.0)
-    img += (tex / (tex.std() + 1e-6) * 10)[..., None]
-    cx, cy = w / 2 + rng.uniform(-15, 15), h / 2 + rng.uniform(-10, 10)
-    ax, ay, ang = rng.uniform(25, 45), rng.uniform(18, 35), rng.uniform(0, np.pi)
-    u = ((xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)) / ax
-    v = (-(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)) / ay
-    inside = np.clip(1.2 - np.sqrt(u * u + v * v), 0, 1)[..., None]
-    ltex = cv2.GaussianBlur(trng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 2.5)
-    lesion = np.array([40, 60, 110], np.float32) + (ltex / (ltex.std() + 1e-6) * 25)[..., None]
-    img = img * (1 - inside) + lesion * inside
-    r = np.sqrt((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (0.62 * np.hypot(w, h) / 2)
-    img *= np.clip(1.6 - r, 0, 1)[..., None]  # dark dermatoscope vignette in the corners
-    out = np.clip(img, 0, 255).astype(np.uint8)
-    for _ in range(3):
-        p = trng.integers(0, [w, h], size=(2, 2))
-        cv2.line(out, tuple(int(c) for c in p[0]), tuple(int(c) for c in p[1]), (20, 20, 30), 1)
-    return out
-
-
-def recolour(img: np.ndarray) -> np.ndarray:
-    x = img.astype(np.float32) / 255
-    x = (x ** 0.8) * np.array([0.9, 1.05, 1.12], np.float32) + np.array([0.03, -0.02, 0.0], np.float32)
-    return np.clip(x * 255, 0, 255).astype(np.uint8)
-
-
-def crop(img: np.ndarray, f: float = 0.02) -> np.ndarray:
-    h, w = img.shape[:2]
-    return img[int(h * f):h - int(h * f / 2), int(w * f / 2):w - int(w * f)]
-
-
-def write(path: Path, img: np.ndarray, quality: int = 95) -> Path:
-    ok, buf = cv2.imencode(path.suffix, img, [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix == ".jpg" else [])
-    assert ok
-    path.write_bytes(buf.tobytes())
-    return path
+from tests.tasks.core.lesion_images import crop, lesion_image, recolour, write
 
 
 def make_project(tmp_path: Path, rows: list[dict]) -> Paths:
@@ -126,27 +79,6 @@ def test_transformed_copies_group_and_distinct_photos_do_not(dup_project: tuple[
     assert summary["groups"] == 7 and summary["dropped"] == 7
     metrics = json.loads((paths.reports / "dedupe" / "metrics.json").read_text())
     assert metrics["same_id_pairs"] == 1 and metrics["same_id_rejected"] == 1  # ISIC_0000007 in a and b
-
-
-def test_lookalike_fails_on_detail_although_thumbnails_correlate() -> None:
-    """The vignette makes plain thumbnails of different photos correlate; the band-pass check must refuse."""
-    a = D.to_uint8(D.grey_square(lesion_image(7), 64))
-    b = D.to_uint8(D.grey_square(lesion_image(7, texture_seed=12345), 64))
-    v = D.verify_pair(a, b, 0.95, 0.95)
-    plain = np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1]
-    assert plain > 0.9  # would pass a thumbnail-only test at 0.9
-    assert not v.accepted and v.detail < 0.9
-    same = D.to_uint8(D.grey_square(recolour(crop(lesion_image(7))), 64))
-    assert D.verify_pair(a, same, 0.95, 0.95).accepted
-
-
-def test_crop_is_verified_after_alignment() -> None:
-    """A 6 % crop misaligns the thumbnails (detail fails as is); the ECC affine alignment recovers it."""
-    a = D.to_uint8(D.grey_square(lesion_image(3), 64)).astype(np.float32)
-    b = D.to_uint8(D.grey_square(crop(lesion_image(3), 0.06), 64)).astype(np.float32)
-    unaligned = np.corrcoef(D._bandpass(a, 1.0).ravel(), D._bandpass(b, 1.0).ravel())[0, 1]
-    v = D.verify_pair(a, b, 0.95, 0.95)
-    assert unaligned < 0.95 and v.aligned and v.accepted and v.detail > 0.98
 
 
 def test_exact_byte_and_pixel_copies_are_exact(tmp_path: Path) -> None:
@@ -247,14 +179,15 @@ def test_cache_reuse_second_run_hashes_nothing(dup_project: tuple[Paths, dict]) 
     assert first["hashed_new"] == 17
     second = D.run(params(), paths)
     assert second["hashed_new"] == 0
-    assert json.loads((paths.reports / "dedupe" / "metrics.json").read_text())["cache_hits"] == 17
+    assert json.loads((paths.reports / "dedupe" / "run_stats.json").read_text())["cache"]["cache_hits"] == 17
+    assert "cache_hits" not in json.loads((paths.reports / "dedupe" / "metrics.json").read_text())
     # One new image: only it is hashed, and the cache keeps one segment per run.
     idx = pd.read_parquet(paths.index("ingest"))
     p = write(paths.root / "data" / "ingest" / "images" / "new.jpg", lesion_image(42))
     idx = pd.concat([idx, pd.DataFrame([{"source": "a", "isic_id": "ISIC_2000000", "path": paths.rel(p)}])])
     write_index(idx, paths, "ingest")
     assert D.run(params(), paths)["hashed_new"] == 1
-    cache = D.FeatureCache(paths.cache / "dedupe", 64)
+    cache = FeatureCache(paths.cache / "dedupe", 64)
     assert len(cache.load()) == 18
     cache.compact()
     assert len(list(cache.dir.glob("seg-*"))) == 1 and len(cache.load()) == 18
@@ -308,7 +241,7 @@ def test_output_contract_and_inputs_untouched(dup_project: tuple[Paths, dict]) -
 
 
 def test_missing_ingest_index_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="lesionflow stage ingest"):
+    with pytest.raises(RunError, match="lesionflow stage ingest"):
         D.run(params(), Paths(tmp_path))
 
 
@@ -338,43 +271,6 @@ def test_project_synthetic_source_against_its_planted_truth(tmp_path: Path) -> N
     assert not out.loc[list(conflict["isic_id"]) + list(conflict["of_isic_id"]), "keep"].any()
     corrupt = planted.loc[planted["kind"].str.startswith("corrupt") & planted["isic_id"].isin(out.index), "isic_id"]
     assert len(corrupt) and (~out.loc[corrupt, "readable"]).all() and out.loc[corrupt, "keep"].all()
-
-
-# --------------------------------------------------------------------------- search
-def _random_hashes(n: int, planted: int, radius: int, seed: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    rng = np.random.default_rng(seed)
-    bits = rng.integers(0, 2, size=(n, 256), dtype=np.uint8)
-    pairs = []
-    for a, b in rng.choice(n, size=(planted, 2), replace=False):
-        bits[b] = bits[a]
-        bits[b, rng.choice(256, int(rng.integers(0, radius + 1)), replace=False)] ^= 1
-        pairs.append((min(a, b), max(a, b)))
-    return np.packbits(bits, axis=1).view(">u8").astype(np.uint64), pairs
-
-
-def test_lsh_search_is_exact_in_distance_and_finds_planted_pairs() -> None:
-    h, planted = _random_hashes(3000, 60, 40, seed=1)
-    brute = D.near_pairs(h, 40, brute_force_max=10**9)
-    lsh = D.near_pairs(h, 40, recall=0.999, brute_force_max=0)
-    b, l_ = set(zip(brute.i, brute.j)), set(zip(lsh.i, lsh.j))
-    assert l_ <= b  # never a pair beyond the radius
-    assert set(planted) <= b and len(l_ & set(planted)) >= 59
-    assert (lsh["hamming"] <= 40).all() and (lsh["i"] < lsh["j"]).all()
-
-
-def test_identical_hashes_are_collapsed_to_a_star() -> None:
-    h, _ = _random_hashes(50, 0, 0, seed=2)
-    h = np.concatenate([h, np.repeat(h[:1], 200, axis=0)])
-    pairs = D.near_pairs(h, 10, brute_force_max=10)
-    zero = pairs[pairs["hamming"] == 0]
-    assert len(zero) == 200 and set(zero["i"]) == {0}  # 200 edges, not 200*201/2
-
-
-def test_lsh_plan_meets_recall_and_grows_with_radius() -> None:
-    for r in (24, 40, 64):
-        k, tables = D.lsh_plan(100_000, r, 0.999)
-        assert 1 - (1 - (1 - r / 256) ** k) ** tables >= 0.999
-    assert D.lsh_plan(100_000, 64, 0.999)[1] > D.lsh_plan(100_000, 40, 0.999)[1]
 
 
 # --------------------------------------------------------------------------- real data
@@ -436,3 +332,48 @@ def test_real_isic_real_plus_isic_dupes(tmp_path: Path, isic_real: Path, isic_du
     assert distinct >= 2617 - 20, f"too many within-lesion merges: {extra}"
     assert not (out["dup_reason"].str.startswith("label conflict")).any()
     assert seconds < 60, f"took {seconds:.0f} s: mark it slow"
+
+
+# --------------------------------------------------------------------------- hardening
+def _outputs(paths: Paths, stage: str) -> dict[str, bytes]:
+    files = [*paths.stage(stage).rglob("*"), *(paths.reports / stage).rglob("*")]
+    return {str(p.relative_to(paths.root)): p.read_bytes() for p in files
+            if p.is_file() and p.name != "run_stats.json"}
+
+
+def test_forced_rerun_is_byte_identical_and_bookkeeping_is_not_a_metric(dup_project: tuple[Paths, dict]) -> None:
+    paths, _ = dup_project
+    D.run(params(), paths)
+    first = _outputs(paths, "dedupe")
+    D.run(params(), paths)  # cache hits this time: results must not change by a byte
+    assert _outputs(paths, "dedupe") == first
+    metrics = json.loads((paths.reports / "dedupe" / "metrics.json").read_text())
+    summary = json.loads((paths.reports / "dedupe" / "summary.json").read_text())
+    stats = json.loads((paths.reports / "dedupe" / "run_stats.json").read_text())
+    assert not {"hashed_new", "cache_hits"} & set(metrics) and not {"timings_s", "cache"} & set(summary)
+    assert stats["cache"]["cache_hits"] == 17 and stats["timings_s"]["stage_s"] > 0
+
+
+def test_header_over_the_pixel_cap_is_unreadable_and_not_cached(tmp_path: Path) -> None:
+    from tests.tasks.core.image_fixtures import bomb_jpeg
+
+    d = tmp_path / "proj" / "img"
+    d.mkdir(parents=True)
+    write(d / "good.jpg", lesion_image(1))
+    (d / "bomb.jpg").write_bytes(bomb_jpeg())
+    rows = [{"source": "s", "isic_id": "ISIC_0000000", "path": "img/good.jpg"},
+            {"source": "s", "isic_id": "ISIC_0000001", "path": "img/bomb.jpg"}]
+    paths = make_project(tmp_path, rows)
+    assert D.run(params(), paths)["unreadable"] == 1
+    out = pd.read_parquet(paths.index("dedupe")).set_index("isic_id")
+    assert out.loc["ISIC_0000001", "dup_reason"].startswith("unreadable: too_large")
+    assert D.run(params(), paths)["hashed_new"] == 1  # looked at again: the cap may have been raised
+
+
+def test_missing_ingest_columns_are_an_input_error(tmp_path: Path) -> None:
+    from tasks.core.errors import InputError
+
+    paths = Paths(tmp_path)
+    write_index(pd.DataFrame({"source": ["s"], "isic_id": ["ISIC_0000001"]}), paths, "ingest")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['path'\]"):
+        D.run(params(), paths)

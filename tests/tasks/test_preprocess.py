@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ import pandas as pd
 import pytest
 
 from tasks.core.config import ParamsError, Preprocess, parse_params
+from tasks.core.errors import RunError
 from tasks.core.images import (
     clahe_lab,
     decode,
@@ -266,7 +268,7 @@ def test_run_fails_loudly_when_too_many_images_fail(tmp_path: Path) -> None:
 
 
 def test_run_explains_a_missing_split_index(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="lesionflow stage split"):
+    with pytest.raises(RunError, match="lesionflow stage split"):
         run(_params(), Paths(tmp_path))
 
 
@@ -313,3 +315,54 @@ def test_run_on_real_isic_images(tmp_path: Path, isic_real: Path) -> None:
     for rel in idx["processed_path"]:
         img = decode(paths.abs(rel).read_bytes())
         assert img.shape == (64, 64, 3) and img.std() > 5  # real content, not a blank canvas
+
+
+# --------------------------------------------------------------------------- hardening
+def test_bomb_and_damaged_jpegs_fail_per_image_and_reruns_are_byte_identical(tmp_path: Path) -> None:
+    """Regression: the 20000x20000 header was decoded (1.2 GB) and a JPEG with garbage in its scan data was
+    processed into a garbled training image. Now both land in failed.csv; valid outputs do not change."""
+    from tests.tasks.core.image_fixtures import bomb_jpeg, garbage_scan_jpeg
+
+    paths = _split_project(tmp_path, n=3)
+    split = read_index(paths, "split")
+    (paths.root / "raw" / "bomb.jpg").write_bytes(bomb_jpeg())
+    (paths.root / "raw" / "garbage.jpg").write_bytes(garbage_scan_jpeg())
+    extra = pd.DataFrame([{"source": "s3", "isic_id": "ISIC_0000100", "path": "raw/bomb.jpg", "target": 0,
+                           "split": "train", "group_id": "g100"},
+                          {"source": "s3", "isic_id": "ISIC_0000101", "path": "raw/garbage.jpg", "target": 1,
+                           "split": "val", "group_id": "g101"}])
+    pd.concat([split, extra], ignore_index=True).to_parquet(paths.index("split"), index=False)
+    params = _params(workers=1, max_failed_fraction=0.9)
+    run(params, paths)
+    failed = pd.read_csv(paths.stage("preprocess") / "failed.csv").set_index("isic_id")["error"]
+    assert failed["ISIC_0000100"].startswith("ImageRejected: image header says 20000x20000")
+    assert failed["ISIC_0000101"].startswith("ImageRejected: damaged JPEG scan data (Corrupt JPEG data")
+    # valid images: the same pixels as processing OpenCV's own decode of the file
+    idx = read_index(paths, "preprocess").set_index("isic_id")
+    for iid in ("ISIC_0000001", "ISIC_0000002"):
+        raw = cv2.cvtColor(cv2.imread(str(paths.abs(idx.at[iid, "path"]))), cv2.COLOR_BGR2RGB)
+        out = decode(paths.abs(idx.at[iid, "processed_path"]).read_bytes())
+        assert np.array_equal(out, process_image(raw, params.preprocess))
+
+    def outputs() -> dict[str, bytes]:
+        files = [*paths.stage("preprocess").rglob("*"), *(paths.reports / "preprocess").rglob("*")]
+        return {str(p): p.read_bytes() for p in files if p.is_file() and p.name != "run_stats.json"}
+
+    first = outputs()
+    run(_params(workers=2, max_failed_fraction=0.9), paths)
+    assert outputs() == first
+    metrics = json.loads((paths.reports / "preprocess" / "metrics.json").read_text())
+    stats = json.loads((paths.reports / "preprocess" / "run_stats.json").read_text())
+    assert not {"seconds", "images_per_s", "workers", "stale_files_removed", "config"} & set(metrics)
+    assert stats["workers"] == 2 and stats["images_per_s"] > 0
+
+
+def test_ids_clashing_after_sanitising_are_an_input_error(tmp_path: Path) -> None:
+    from tasks.core.errors import InputError
+
+    paths = Paths(tmp_path)
+    paths.stage("split").mkdir(parents=True)
+    pd.DataFrame({"source": ["s/1", "s?1"], "isic_id": ["ISIC_1", "ISIC_1"], "path": ["x", "y"]}).to_parquet(
+        paths.index("split"), index=False)
+    with pytest.raises(InputError, match="same file name after sanitising"):
+        run(_params(), paths)

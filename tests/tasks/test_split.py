@@ -259,3 +259,40 @@ def test_two_real_sources_merged_keep_their_groups(isic_real: Path, isic_dupes: 
     unit = pd.Series(unit, index=out.index).fillna("dupes:" + out["isic_id"])  # distractors: their own
     assert (out.groupby(unit)["split"].nunique() == 1).all()
     assert set(split_metrics(out, Split())["leaks"].values()) == {0}
+
+
+# --------------------------------------------------------------------------- group_by checked against the columns
+def test_misspelt_group_by_is_an_input_error_naming_columns():
+    """Regression: [patient_ID, lesionid] used to disable grouping silently and leak patients across splits."""
+    from tasks.core.errors import InputError
+
+    df = random_index(np.random.default_rng(0), 50)
+    with pytest.raises(InputError) as err:
+        assign_splits(df, Split(group_by=["patient_ID", "lesionid", "dup_group"]))
+    msg = str(err.value)
+    assert "['patient_ID', 'lesionid']" in msg and "split.group_by" in msg
+    assert "Available columns: ['dup_group', 'isic_id', 'lesion_id', 'patient_id', 'source', 'target']" in msg
+    assert "'patient_ID' -> 'patient_id'?" in msg
+
+
+def test_group_by_column_present_only_in_linked_ids_is_accepted():
+    df = pd.DataFrame({"source": "s", "isic_id": ["ISIC_0000001", "ISIC_0000002"], "target": [0, 1],
+                       "linked_ids": ["site_group=X", ""]})
+    out = assign_splits(df, Split(group_by=["site_group"]))
+    assert out["group_id"].nunique() == 2
+
+
+def test_source_group_columns_are_leak_checked_whatever_group_by_says(tmp_path):
+    """Regression: with group_by not naming patient_id, one patient could land in two splits unnoticed."""
+    from tasks.core.errors import InputError
+
+    rng = np.random.default_rng(4)
+    df = random_index(rng, 300)
+    paths = Paths(tmp_path)
+    write_index(df, paths, "clean")
+    p = parse_params({"ingest": {"sources": [{"kind": "synthetic"}]}, "split": {"group_by": ["dup_group"]}})
+    with pytest.raises(InputError, match=r"patient_id.*add \[.*'patient_id'.*\] to split.group_by"):
+        run(p, paths)
+    assert not paths.index("split").exists()
+    out = assign_splits(df, Split(group_by=["dup_group"]))
+    assert split_metrics(out, Split(group_by=["dup_group"]))["leaks"]["patient_id"] > 0

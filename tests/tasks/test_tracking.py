@@ -20,7 +20,7 @@ import pytest
 from tasks import tracking
 from tasks.core.config import Params
 from tasks.core.io import Paths
-from tasks.train import INPUT_STAGE
+from tasks.models.inputs import INPUT_STAGE
 
 
 def test_tracking_uri_default_override_and_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,7 +54,8 @@ def logged(lf_trained: Path, lf_tiny_params: Params) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.chdir(lf_trained)  # registry helpers called without a root use the cwd's store
-        summary = evaluate.run(lf_tiny_params, Paths(lf_trained))
+        # the stage sees only its declared [evaluate] section; training params come from classifier.json
+        summary = evaluate.run(lf_tiny_params.view(("evaluate",), "evaluate"), Paths(lf_trained))
         yield summary["mlflow"]
 
 
@@ -67,6 +68,13 @@ def test_evaluate_logs_a_complete_run(logged: dict, lf_trained: Path) -> None:
     run = client.get_run(logged["run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "lesionflow"
     assert run.data.params["train.epochs"] == "1" and run.data.params["preprocess.size"] == "32"
+    assert run.data.params["evaluate.bootstrap"] == str(Params.model_fields["evaluate"].default.bootstrap) or \
+        "evaluate.bootstrap" in run.data.params
+    assert all(k.split(".")[0] in ("evaluate", "train", "preprocess") for k in run.data.params)
+    commit = tracking.git_state(lf_trained)["git_commit"]
+    assert run.info.run_name == f"evaluate lesionflow-classifier v{logged['version']} {(commit or 'no-git')[:8]}"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     metrics = json.loads((lf_trained / "reports" / "evaluate" / "metrics.json").read_text())
     assert run.data.metrics["test.auc"] == pytest.approx(metrics["auc"])
     assert run.data.metrics["test.at_operating_point.fn"] == metrics["at_operating_point"]["fn"]
@@ -116,7 +124,7 @@ def _test_image_bytes(root: Path, n: int = 3) -> tuple[list[str], list[bytes]]:
 
 
 def test_pyfunc_from_the_registry_scores_paths_and_bytes(logged: dict, lf_trained: Path) -> None:
-    from tasks.predict import Bundle, load_bundle
+    from tasks.models.bundle import Bundle, load_bundle
 
     name = "lesionflow-classifier"
     tracking.set_alias(name, "champion", logged["version"], lf_trained)
@@ -214,3 +222,35 @@ def test_log_keras_model_registers_a_bare_keras_model(tmp_path: Path, monkeypatc
     got = tracking.load_pyfunc("models:/unit-model/1", tmp_path).predict(x)
     np.testing.assert_allclose(np.asarray(got), model.predict(x, verbose=0), rtol=1e-6)
     assert (tmp_path / "mlruns" / "mlflow.db").exists() and (tmp_path / "mlruns" / "artifacts").is_dir()
+
+
+def test_log_stage_run_names_params_by_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one stage logger: `<section>.<key>` params of the sections given, dotted metrics, per-step metrics,
+    files under reports/, folders under reports/<name>; the experiment tagged as model development."""
+    from tasks.core.config import Cyclegan, Upsample
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = tmp_path / "reports" / "upsample"
+    report.mkdir(parents=True)
+    (report / "metrics.json").write_text("{}")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "a.txt").write_text("a")
+    out = tracking.log_stage_run("upsample", {"upsample": Upsample(), "cyclegan": Cyclegan(epochs=3)}, Paths(tmp_path),
+                                 metrics={"generated": 4, "quality": {"kid": 0.5, "name": "x"}, "flag": True},
+                                 artifacts=[report / "metrics.json", tmp_path / "extra", tmp_path / "missing.txt"],
+                                 steps=[(1, {"loss.g": 1.0}), (2, {"loss.g": 0.5})], tags={"k": "v"},
+                                 extra=lambda run: {"seen": run.info.run_id})
+    client = tracking.client(tmp_path)
+    run = client.get_run(out["mlflow_run_id"])
+    assert out["seen"] == run.info.run_id and run.info.run_name == "upsample"
+    params = run.data.params
+    assert params["cyclegan.epochs"] == "3" and params["upsample.target_ratio"] == str(Upsample().target_ratio)
+    assert all(k.split(".")[0] in ("upsample", "cyclegan") for k in params)
+    assert run.data.metrics["generated"] == 4 and run.data.metrics["quality.kid"] == 0.5
+    assert "flag" not in run.data.metrics and "quality.name" not in run.data.metrics
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss.g")] == [1.0, 0.5]
+    assert run.data.tags["stage"] == "upsample" and run.data.tags["k"] == "v"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert arts == {"reports/metrics.json", "reports/extra"}
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND == "custom_model_development"

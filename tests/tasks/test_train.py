@@ -16,6 +16,7 @@ import pytest
 from tasks import train
 from tasks.core.config import Params, parse_params
 from tasks.core.io import Paths
+from tasks.models import bundle, inputs
 
 
 def _index() -> pd.DataFrame:
@@ -32,12 +33,12 @@ def _index() -> pd.DataFrame:
 
 def test_select_rows_keeps_val_and_test_real_and_train_as_configured() -> None:
     idx = _index()
-    val = train.select_rows(idx, "val")
+    val = inputs.select_rows(idx, "val")
     assert val["isic_id"].tolist() == ["I4"]  # the offline copy and the synthetic image never reach val
-    assert train.select_rows(idx, "test")["isic_id"].tolist() == ["I1"]  # unlabelled row dropped
-    all_train = train.select_rows(idx, "train")  # sorted by key: (src, I5/I7/I8), then (src+aug0, I6)
+    assert inputs.select_rows(idx, "test")["isic_id"].tolist() == ["I1"]  # unlabelled row dropped
+    all_train = inputs.select_rows(idx, "train")  # sorted by key: (src, I5/I7/I8), then (src+aug0, I6)
     assert all_train["isic_id"].tolist() == ["I5", "I7", "I8", "I6"]
-    only_real = train.select_rows(idx, "train", include_offline_copies=False, include_synthetic=False)
+    only_real = inputs.select_rows(idx, "train", include_offline_copies=False, include_synthetic=False)
     assert sorted(only_real["isic_id"]) == ["I7", "I8"]
     assert only_real["target"].dtype.kind == "i"
 
@@ -62,17 +63,17 @@ def test_metadata_encoding_learns_from_train_and_handles_unknowns() -> None:
     tr = pd.DataFrame({"age_approx": [40, 60, np.nan, 50], "sex": ["male", "female", None, "MALE"],
                        "anatom_site_1": ["back", "back", None, "leg"],
                        "anatom_site_general": [None, None, "back", "arm"]})
-    spec = train.metadata_spec(tr, site_min_count=2)
+    spec = inputs.metadata_spec(tr, site_min_count=2)
     assert spec["sites"] == ["back"]  # leg seen once -> "other"; the legacy column fills anatom_site_1 gaps
     assert spec["age_mean"] == pytest.approx(50.0)
-    x = train.encode_metadata(tr, spec)
-    assert x.shape == (4, train.metadata_dim(spec)) and x.dtype == np.float32
+    x = inputs.encode_metadata(tr, spec)
+    assert x.shape == (4, inputs.metadata_dim(spec)) and x.dtype == np.float32
     # columns: age_z, age_missing, male, female, sex_unknown, back, other, site_unknown
     np.testing.assert_array_equal(x[:, 1], [0, 0, 1, 0])
     np.testing.assert_array_equal(x[:, 2:5], [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
     np.testing.assert_array_equal(x[:, 5:8], [[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0]])
     new = pd.DataFrame({"isic_id": ["x"]})  # no metadata at all (e.g. predict on bare files)
-    np.testing.assert_array_equal(train.encode_metadata(new, spec)[0, 1:], [1, 0, 0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(inputs.encode_metadata(new, spec)[0, 1:], [1, 0, 0, 1, 0, 0, 1])
 
 
 def test_stacker_weights_the_informative_member_and_mean_mode() -> None:
@@ -86,7 +87,7 @@ def test_stacker_weights_the_informative_member_and_mean_mode() -> None:
 
 
 def test_operating_point_reaches_target_sensitivity_on_val() -> None:
-    from tasks.evaluate import binary_metrics, threshold_for_sensitivity
+    from tasks.core.metrics import binary_metrics, threshold_for_sensitivity
 
     p = np.array([0.9, 0.8, 0.7, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05, 0.65])
     y = np.array([1, 1, 0, 1, 1, 0, 0, 1, 0, 0])
@@ -183,8 +184,8 @@ def test_every_backbone_builds_without_weights(arch: str) -> None:
 
 def test_train_stage_writes_model_config_and_reports(lf_trained: Path, lf_tiny_params: Params) -> None:
     paths = Paths(lf_trained)
-    cfg = train.load_config(paths.models)
-    assert (paths.models / train.MODEL_FILE).stat().st_size > 10_000
+    cfg = inputs.load_config(paths.models)
+    assert (paths.models / inputs.MODEL_FILE).stat().st_size > 10_000
     assert cfg["image_size"] == 32 and cfg["preprocess"] == lf_tiny_params.preprocess.model_dump(mode="json")
     assert cfg["metadata"]["sites"] == ["arm", "back", "leg"] and cfg["tta"] == 2
     assert 0 < cfg["threshold"] < 1 and len(cfg["stacker"]["coef"]) == 2
@@ -198,11 +199,11 @@ def test_train_stage_writes_model_config_and_reports(lf_trained: Path, lf_tiny_p
     # The saved model + stored threshold reproduce the reported val operating point.
     from tasks.models.classifier import load_keras
 
-    idx = pd.read_parquet(paths.index(train.INPUT_STAGE))
-    val = train.select_rows(idx, "val")
-    imgs = train.load_val_images([str(paths.abs(p)) for p in val["processed_path"]], 32)
-    p = train.predict_proba(load_keras(paths.models / train.MODEL_FILE), imgs,
-                            train.encode_metadata(val, cfg["metadata"]), tta=cfg["tta"])
+    idx = pd.read_parquet(paths.index(inputs.INPUT_STAGE))
+    val = inputs.select_rows(idx, "val")
+    imgs = inputs.load_images([str(paths.abs(p)) for p in val["processed_path"]], 32)
+    p = bundle.predict_proba(load_keras(paths.models / inputs.MODEL_FILE), imgs,
+                            inputs.encode_metadata(val, cfg["metadata"]), tta=cfg["tta"])
     tp = int(((p >= cfg["threshold"]) & (val["target"] == 1)).sum())
     assert tp == metrics["val_at_threshold"]["tp"]
     assert metrics["val_auc"] > 0.8  # the lesions are learnable: one epoch already separates them
@@ -217,7 +218,7 @@ def test_train_rerun_in_process_gives_identical_weights_and_metrics(lf_trained: 
     train.run(lf_tiny_params, Paths(root))
     for rel in ("reports/train/metrics.json", "reports/train/history.csv", "models/classifier.json"):
         assert (root / rel).read_bytes() == (lf_trained / rel).read_bytes(), rel
-    _assert_same_weights(root / "models" / train.MODEL_FILE, lf_trained / "models" / train.MODEL_FILE)
+    _assert_same_weights(root / "models" / inputs.MODEL_FILE, lf_trained / "models" / inputs.MODEL_FILE)
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
@@ -231,9 +232,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 def test_train_refuses_a_split_without_malignant_images(lf_tiny_project: Path, lf_tiny_params: Params) -> None:
     paths = Paths(lf_tiny_project)
-    idx = pd.read_parquet(paths.index(train.INPUT_STAGE))
+    idx = pd.read_parquet(paths.index(inputs.INPUT_STAGE))
     idx.loc[idx["split"] == "val", "target"] = 0
-    idx.to_parquet(paths.index(train.INPUT_STAGE))
+    idx.to_parquet(paths.index(inputs.INPUT_STAGE))
     with pytest.raises(ValueError, match="split 'val' needs benign and malignant"):
         train.run(lf_tiny_params, paths)
 
@@ -260,7 +261,7 @@ def test_reruns_in_fresh_processes_are_bit_identical(lf_tiny_params: Params, tmp
     a, b = roots
     for rel in ("reports/train/metrics.json", "reports/train/history.csv", "models/classifier.json"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-    _assert_same_weights(a / "models" / train.MODEL_FILE, b / "models" / train.MODEL_FILE)
+    _assert_same_weights(a / "models" / inputs.MODEL_FILE, b / "models" / inputs.MODEL_FILE)
 
 
 @pytest.mark.slow

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.core.outliers import loo_centroid_scores, rank_desc
 from tasks.ugly_duckling import (
-    loo_centroid_scores,
-    rank_desc,
     score_patients,
     synthetic_patients,
     within_patient_metrics,
@@ -85,8 +84,8 @@ def test_synthetic_patients_plant_exactly_one_malignant() -> None:
 @pytest.fixture(scope="module")
 def tiny_bundle():
     from tasks.core.config import Preprocess
+    from tasks.models.bundle import Bundle
     from tasks.models.classifier import build_small_cnn
-    from tasks.predict import Bundle
 
     model = build_small_cnn(32, filters=(4, 8), name="m0")
     cfg = {"image_size": 32, "preprocess": Preprocess(size=32).model_dump(mode="json"), "threshold": 0.5,
@@ -95,8 +94,8 @@ def tiny_bundle():
 
 
 def test_embedding_model_is_the_penultimate_layer(tiny_bundle) -> None:
+    from tasks.models.bundle import Scorer, embedding_model
     from tasks.models.classifier import build_ensemble, build_small_cnn
-    from tasks.ugly_duckling import Scorer, embedding_model
 
     images, _ = synthetic_patients(1, 3, seed=0, size=40)
     scorer = Scorer(tiny_bundle)

@@ -151,8 +151,8 @@ def project(tmp_path: Path) -> Path:
     """Fixture data + an (untrained) 16 px generator: the stage's guarantees do not depend on GAN quality."""
     import keras
 
-    from tasks.cyclegan import GENERATOR_FILE, save_keras
-    from tasks.models.gan import build_generator
+    from tasks.models.gan import GENERATOR_FILE, build_generator
+    from tasks.models.saving import save_keras
 
     make_preprocess(tmp_path, size=24)
     keras.utils.set_random_seed(0)

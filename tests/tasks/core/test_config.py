@@ -189,3 +189,20 @@ def test_a_stage_sees_only_its_declared_sections():
     assert view.augment == p.augment and view.preprocess.size == p.preprocess.size
     with pytest.raises(ParamsError, match="stage 'augment' reads params section 'train'"):
         view.train
+
+
+def test_code_defaults_equal_params_yaml():
+    """params.yaml is the one record of the defaults; the in-code defaults may never drift from it."""
+    data = _params()
+    from tasks.core.config import Params
+
+    drift = []
+    for section, field in Params.model_fields.items():
+        model = field.annotation
+        for key, f in model.model_fields.items():
+            if f.is_required() or key in ("sources", "members"):
+                continue  # no default, or a list the profile composes
+            default = f.get_default(call_default_factory=True)
+            if data[section][key] != default:
+                drift.append(f"{section}.{key}: code {default!r} vs params.yaml {data[section][key]!r}")
+    assert not drift, drift

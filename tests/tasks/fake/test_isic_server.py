@@ -5,24 +5,20 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import shutil
 import struct
+import time
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import requests
 
-from tasks.fake.isic_server import (
-    Catalog,
-    IsicServer,
-    QueryError,
-    compile_query,
-    image_size,
-    running_server,
-    write_png,
-    write_sample_folder,
-)
+from tasks.fake.isic_catalog import Catalog
+from tasks.fake.isic_folder import image_size, scan_images, write_png, write_sample_folder
+from tasks.fake.isic_query import MAX_DEPTH, QueryError, compile_query, glob_match
+from tasks.fake.isic_server import IsicServer, running_server
 
 REC = {"isic_id": "ISIC_0000001", "public": True, "age_approx": 45, "sex": "female", "diagnosis_1": "Malignant",
        "diagnosis_3": "Melanoma Invasive", "image_type": "TBP tile: close-up", "melanocytic": True,
@@ -215,7 +211,100 @@ def test_serves_an_isic_cli_style_real_folder(isic_real: Path, tmp_path: Path) -
         w.writerows(rows)
     cat = Catalog(root)
     assert len(cat.records) == 5 and {c["name"] for c in cat.collections} == {r["source_dataset"] for r in rows}
-    for r, rec in zip(rows, cat.records):
+    for r, rec in zip(rows, cat.records, strict=True):
         w_, h_ = (int(x) for x in r["stored_size"].split("x"))
         assert (rec.acquisition["pixels_x"], rec.acquisition["pixels_y"]) == (w_, h_)
         assert rec.top["copyright_license"] == r["license"] and rec.clinical["benign_malignant"]
+
+
+# --------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("pattern, text, ok", [
+    ("Mel*", "Melanoma", True), ("*vus", "Nevus", True), ("*", "", True), ("a*b*c", "aXbYc", True),
+    ("a*b*c", "acb", False), ("a*a", "a", False), ("ab*ba", "aba", False), ("*x*", "abc", False),
+    ("a**b", "ab", True), ("Nevus", "Nevus", True), ("Nevus", "nevus", False),
+])
+def test_glob_match(pattern: str, text: str, ok: bool) -> None:
+    assert glob_match(pattern, text) is ok
+
+
+def test_wildcards_never_backtrack() -> None:
+    """`a*a*...*b` against a long run of `a`s is exponential for a backtracking regex; linear here."""
+    pattern = "a*" * 40 + "b"
+    t0 = time.perf_counter()
+    assert not glob_match(pattern, "a" * 20_000)
+    assert not compile_query(f"diagnosis_3:{pattern}")({"diagnosis_3": "a" * 20_000})
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_deep_nesting_is_a_query_error_and_a_400(server: IsicServer) -> None:
+    deep = "(" * 1500 + "sex:male" + ")" * 1500  # the old recursive parser died with RecursionError here
+    negated = "-(" * 1000 + "sex:male" + ")" * 1000
+    for q in (deep, negated):
+        with pytest.raises(QueryError, match="nested deeper"):
+            compile_query(q)
+    ok = "(" * MAX_DEPTH + "sex:male" + ")" * MAX_DEPTH
+    assert compile_query(ok)({"sex": "male"})
+    r = requests.get(server.api_url + "images/search/", params={"query": deep},
+                     timeout=5)
+    assert r.status_code == 400 and "nested deeper" in r.json()["message"]
+    r = requests.get(server.api_url + "images/search/", params={"query": "sex:male OR " * 400 + "sex:female"},
+                     timeout=5)
+    assert r.status_code == 400 and "longer than" in r.json()["message"]
+    assert requests.get(server.api_url + "images/search/?query=sex%3Amale", timeout=5).status_code == 200
+
+
+def test_request_log_is_bounded_and_keeps_no_secrets(folder: Path) -> None:
+    with IsicServer(folder, max_logged_requests=5) as srv:
+        for i in range(12):
+            requests.get(srv.api_url + f"images/?limit=1&token=tok-{i}", timeout=5,
+                         headers={"Authorization": f"Bearer sekrit-{i}", "Cookie": f"session=c00kie-{i}"})
+        log_ = srv.requests
+    assert len(log_) == 5 and log_[-1].path.endswith("token=REDACTED")
+    assert log_[-1].headers["Authorization"] == "Bearer REDACTED" and log_[-1].headers["Cookie"] == "REDACTED"
+    text = repr(log_)
+    assert "sekrit" not in text and "c00kie" not in text and "tok-" not in text
+
+
+def test_items_always_carry_attribution(tmp_path: Path) -> None:
+    """isic-cli reads image["attribution"] unconditionally; a folder without that column must not break it."""
+    root = write_sample_folder(tmp_path / "s", n=3)
+    with open(root / "metadata.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=[c for c in rows[0] if c != "attribution"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with running_server(root) as api:
+        page = requests.get(api + "images/search/", timeout=5).json()
+        one = requests.get(api + "images/ISIC_9100001/", timeout=5).json()
+    assert [i["attribution"] for i in page["results"]] == ["", "", ""] and one["attribution"] == ""
+
+
+def test_non_regular_entries_named_like_images_are_skipped(tmp_path: Path) -> None:
+    root = write_sample_folder(tmp_path / "s", n=5)
+    outside = tmp_path / "outside.png"
+    write_png(outside, 2, 2)
+    (root / "ISIC_9100000.png").unlink()
+    (root / "ISIC_9100000.png").mkdir()
+    (root / "ISIC_9100001.png").unlink()
+    os.mkfifo(root / "ISIC_9100001.png")  # opening it to read a header would hang the server's start
+    (root / "ISIC_9100002.png").unlink()
+    (root / "ISIC_9100002.png").symlink_to(outside)
+    shutil.copy(root / "ISIC_9100003.png", root / "ISIC_9100003.jpeg")
+    cat = Catalog(root)
+    assert [r.isic_id for r in cat.records] == ["ISIC_9100004"]
+    assert "directory" in cat.skipped["ISIC_9100000"] and "named pipe" in cat.skipped["ISIC_9100001"]
+    assert "outside" in cat.skipped["ISIC_9100002"] and "several image files" in cat.skipped["ISIC_9100003"]
+    with running_server(root) as api:
+        assert requests.get(api + "images/search/", timeout=5).json()["count"] == 1
+
+
+def test_scan_images_follows_only_symlinks_inside_the_folder(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    root.mkdir()
+    write_png(root / "ISIC_0000001.png", 2, 2)
+    (root / "ISIC_0000002.PNG").symlink_to(root / "ISIC_0000001.png")  # inside: fine
+    (root / "ISIC_0000003.png").symlink_to(root / "missing.png")  # broken
+    (root / "notes.txt").write_text("ignored")
+    scan = scan_images(root)
+    assert sorted(scan.files) == ["ISIC_0000001", "ISIC_0000002"] and list(scan.problems) == ["ISIC_0000003"]

@@ -110,7 +110,8 @@ def test_metadata_is_an_isic_cli_table_with_current_api_vocabularies(synth):
     assert meta["sex"].isna().any() and set(meta["sex"].dropna()) == {"male", "female"}
     assert set(meta["anatom_site_1"].dropna()) <= set(SITES) and meta["anatom_site_1"].isna().any()
     with_2 = meta.dropna(subset=["anatom_site_2"])
-    assert len(with_2) > 0 and all(s2 in SITES[s1] for s1, s2 in zip(with_2["anatom_site_1"], with_2["anatom_site_2"]))
+    pairs = zip(with_2["anatom_site_1"], with_2["anatom_site_2"], strict=True)
+    assert len(with_2) > 0 and all(s2 in SITES[s1] for s1, s2 in pairs)
 
     hierarchy = {"Malignant": MALIGNANT_DX, "Benign": BENIGN_DX, "Indeterminate": INDETERMINATE_DX}
     assert set(meta["diagnosis_1"].dropna()) == set(hierarchy)

@@ -1,4 +1,4 @@
-"""predict: model discovery, input collection, the CLI, and that it preprocesses exactly like training."""
+"""predict: model discovery, input collection, error rows, and that it preprocesses exactly like training."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import predict as P
-from tasks.train import INPUT_STAGE
+from flows.apps import predict as P
+from tasks.models.inputs import INPUT_STAGE
 
 
 def test_collect_inputs_walks_folders_and_keeps_missing_files(tmp_path: Path) -> None:
@@ -36,20 +36,21 @@ def test_load_bundle_explains_what_is_missing(tmp_path: Path) -> None:
         P.load_bundle(tmp_path / "m.keras")
 
 
-def test_predict_cli_scores_folders_and_reports_bad_files(lf_trained: Path, tmp_path: Path) -> None:
-    from flows.cli import main
-
+def test_predict_scores_folders_and_reports_bad_files(lf_trained: Path, tmp_path: Path) -> None:
     raw = lf_trained / "data" / "ingest" / "images"
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    tiny = tmp_path / "tiny.png"  # below the minimum side: an error row, not a score
+    import cv2
+
+    cv2.imwrite(str(tiny), np.full((8, 8, 3), 128, np.uint8))
     out = tmp_path / "preds.csv"
-    assert main(["--root", str(lf_trained), "predict", "--model", str(lf_trained / "models"), "--out", str(out),
-                 str(raw), str(bad), str(tmp_path / "gone.png")]) == 0
+    summary = P.predict(lf_trained / "models", [raw, bad, tmp_path / "gone.png", tiny], out, root=lf_trained)
     df = pd.read_csv(out)
-    assert list(df.columns) == P.OUTPUT_COLUMNS and len(df) == 96 + 2
+    assert list(df.columns) == P.OUTPUT_COLUMNS and len(df) == 96 + 3 and summary["errors"] == 3
     errors = df[df["error"].notna()]
-    assert errors["isic_id"].tolist() == ["broken", "gone"]
-    assert "cannot decode" in errors["error"].iloc[0] and "FileNotFoundError" in errors["error"].iloc[1]
+    assert errors["isic_id"].tolist() == ["broken", "gone", "tiny"]
+    assert "FileNotFoundError" in errors["error"].iloc[1] and ("small" in errors["error"].iloc[2] or "min_side" in errors["error"].iloc[2])
     assert errors["probability_malignant"].isna().all() and errors["prediction"].isna().all()
     ok = df[df["error"].isna()]
     threshold = json.loads((lf_trained / "models" / "classifier.json").read_text())["threshold"]
@@ -57,8 +58,10 @@ def test_predict_cli_scores_folders_and_reports_bad_files(lf_trained: Path, tmp_
     assert ok["isic_id"].iloc[0] == "ISIC_0000000"
 
     # Same preprocessing as training: raw file -> stored config == the processed PNG the model trained on.
+    from tasks.models.bundle import predict_proba
     from tasks.models.classifier import load_keras
-    from tasks.train import encode_metadata, load_config, load_val_images, predict_proba
+    from tasks.models.inputs import encode_metadata, load_config
+    from tasks.models.inputs import load_images as load_val_images
 
     cfg = load_config(lf_trained / "models")
     ids = ok["isic_id"].head(8).tolist()
@@ -85,3 +88,17 @@ def test_bundle_accepts_bytes_and_metadata(lf_trained: Path) -> None:
     assert not np.allclose(no_meta["probability_malignant"], by_path["probability_malignant"])  # metadata is used
     with pytest.raises(ValueError, match="`path` column"):
         bundle.predict_frame(pd.DataFrame({"x": [1]}))
+
+
+def test_oversized_image_is_an_error_row_and_the_batch_goes_on(lf_trained: Path, tmp_path: Path) -> None:
+    """Issue 10: a photo over the pixel cap is refused per row; the cap comes from --max-pixels or the model."""
+    files = sorted((lf_trained / "data" / "ingest" / "images").glob("*.png"))[:3]  # 64 x 48 = 3072 px each
+    out = tmp_path / "capped.csv"
+    summary = P.predict(lf_trained / "models", files, out, max_pixels=1000)
+    df = pd.read_csv(out)
+    assert summary["errors"] == 3 and summary["max_pixels"] == 1000 and df["probability_malignant"].isna().all()
+    assert df["error"].str.contains("large|max_pixels|pixels", case=False).all()
+    bundle = P.load_bundle(lf_trained / "models")
+    assert bundle.pixel_cap == bundle.config["preprocess"].get("max_pixels", 50_000_000)
+    ok = bundle.predict_frame(pd.DataFrame({"path": [str(f) for f in files]}))
+    assert ok["error"].isna().all()

@@ -5,25 +5,36 @@ by a grey closing of the LAB lightness with a kernel larger than any lesion (dar
 so `darkness = background - L` is independent of skin tone and slow shading. The threshold is the larger
 of Otsu's and a robust noise floor (median + k * MAD of the darkness map), then open/close morphology and
 connected components filtered by area, fill ratio and aspect (hairs, follicles and specks go). Each
-candidate is cropped as a square patch (`context` x its box) and scored by the classifier (probability)
-and the ugly-duckling rank among the photo's lesions (tasks/ugly_duckling.py). Not a diagnosis.
+candidate is cropped as a square patch (`context` x its box) and scored by the model bundle (probability,
+tasks/models/bundle.py: the one scoring path) and the ugly-duckling rank among the photo's lesions
+(tasks/core/outliers.py). Not a diagnosis.
 
-`synth_widefield` renders test photos with the close-up lesion model of tasks/synthetic.py: one patient's
-benign lesions plus one malignant (the planted odd one), JSON with the true boxes beside each image.
+Photos are decoded under a pixel cap (the model's stored preprocess.max_pixels, or `--max-pixels`): an
+unreadable or oversized photo is an error entry in the summary, the other photos are still screened.
+Test photos come from tasks/fake/widefield.py (`synth_widefield`, re-exported here for the CLI).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from tasks.core.io import write_bytes, write_json, write_table
+from tasks.core.errors import InputError, RunError
+from tasks.core.io import write_bytes, write_table
+from tasks.core.outliers import ud_scores
+from tasks.fake.widefield import load_truth, render_widefield, synth_widefield
+from tasks.models.bundle import DEFAULT_MAX_PIXELS, Bundle, Scorer, decode_limited, is_uri, load_bundle
+
+__all__ = ["load_truth", "render_widefield", "synth_widefield"]  # the synthetic photos' home: tasks.fake.widefield
+
+log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ["lesion", "x", "y", "w", "h", "area", "probability", "ud_score", "ud_rank"]
 
@@ -139,26 +150,6 @@ def patch_features(rgb: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- scoring
-def ud_scores(emb: np.ndarray, normalise: str = "l2") -> tuple[np.ndarray, np.ndarray]:
-    """(ud_score, ud_rank) among one photo's lesions (leave-one-out centroid, as in tasks/ugly_duckling.py).
-
-    normalise: "l2" for network embeddings (direction = appearance); "zscore" for hand-made features of
-    mixed units (each feature standardised over the photo's lesions, so none dominates by its scale)."""
-    from tasks.ugly_duckling import l2_normalise, loo_centroid_scores, rank_desc
-
-    if len(emb) == 0:
-        return np.zeros(0), np.zeros(0, np.int64)
-    emb = np.asarray(emb, np.float64)
-    if normalise == "zscore":
-        x = (emb - emb.mean(0)) / np.maximum(emb.std(0), 1e-3)
-    elif normalise == "l2":
-        x = l2_normalise(emb)
-    else:
-        raise ValueError(f"normalise must be 'l2' or 'zscore', not {normalise!r}")
-    s = loo_centroid_scores(x)
-    return s, rank_desc(s)
-
-
 def score_patches(patches: list[np.ndarray], model: Any = None,
                   embed: Callable[[list[np.ndarray]], np.ndarray] | None = None) -> pd.DataFrame:
     """probability (NaN without a model), ud_score, ud_rank per patch. Embeddings: `embed(patches)` if given,
@@ -166,8 +157,6 @@ def score_patches(patches: list[np.ndarray], model: Any = None,
     prob = np.full(len(patches), np.nan)
     emb = None
     if model is not None and patches:
-        from tasks.ugly_duckling import Scorer
-
         scorer = model if isinstance(model, Scorer) else Scorer(model)
         batch = scorer.prepare(patches)
         prob = scorer.probabilities(batch)
@@ -203,22 +192,33 @@ def annotate(bgr: np.ndarray, table: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def read_photo(image_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A photo as BGR uint8, decoded under the pixel cap; InputError naming the file otherwise."""
+    import cv2
+
+    try:
+        rgb = decode_limited(image_path.read_bytes(), max_pixels, min_side=1)
+    except OSError as exc:
+        raise InputError(f"{image_path}: cannot read the file ({exc})") from None
+    except ValueError as exc:  # ImageRejected / InputError: unreadable, corrupt, too large
+        raise InputError(f"{image_path}: not a usable image ({exc})") from None
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
 def screen(image_path: str | Path, out_dir: str | Path, model: Any = None, *, cfg: DetectConfig = DetectConfig(),
            context: float = 2.2, embed: Callable[[list[np.ndarray]], np.ndarray] | None = None,
-           root: Path | None = None) -> pd.DataFrame:
+           root: Path | None = None, max_pixels: int | None = None) -> pd.DataFrame:
     """Detect, crop, score and rank the lesions of one wide-field photo; writes <stem>_screen.png/.csv in
-    out_dir. `model`: a predict.Bundle, a ugly_duckling.Scorer, a model path/URI, or None (no probability;
-    ranks from hand-made patch features)."""
+    out_dir. `model`: a Bundle, a Scorer, a model path/URI, or None (no probability; ranks from hand-made patch
+    features). `max_pixels`: the decode cap (default: the model's stored cap, else DEFAULT_MAX_PIXELS)."""
     import cv2
 
     image_path = Path(image_path)
-    bgr = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"{image_path}: not an image OpenCV can read (missing or corrupt file)")
     if isinstance(model, (str, Path)):
-        from tasks.predict import load_bundle
-
         model = load_bundle(model, root)
+    bundle = model.bundle if isinstance(model, Scorer) else model
+    cap = max_pixels or (bundle.pixel_cap if isinstance(bundle, Bundle) else DEFAULT_MAX_PIXELS)
+    bgr = read_photo(image_path, cap)
     boxes = detect_lesions(bgr, cfg)
     patches = [crop_patch(bgr, b, context) for b in boxes[["x", "y", "w", "h"]].to_numpy()]
     scores = score_patches(patches, model, embed)
@@ -229,35 +229,42 @@ def screen(image_path: str | Path, out_dir: str | Path, model: Any = None, *, cf
     write_table(table, out_dir / f"{image_path.stem}_screen.csv")
     ok, png = cv2.imencode(".png", annotate(bgr, table))
     if not ok:
-        raise RuntimeError("cv2.imencode failed to encode the annotated PNG")
+        raise RunError("cv2.imencode failed to encode the annotated PNG")
     write_bytes(out_dir / f"{image_path.stem}_screen.png", png.tobytes())
     return table
 
 
 def screen_files(images: Sequence[str | Path], out_dir: str | Path, model: str | Path | None = "models",
-                 root: Path | None = None) -> dict[str, Any]:
+                 root: Path | None = None, max_pixels: int | None = None) -> dict[str, Any]:
     """The `lesionflow screen` command: screen each photo; model 'none' (or the default models/ folder when
     absent) = no classifier. Where a synth-widefield truth JSON sits beside a photo, recall and the odd
-    lesion's rank are reported too."""
+    lesion's rank are reported too. A photo that cannot be read (or is over the pixel cap) gets an `error`
+    entry and the others are still screened."""
     bundle = None
     note = None
     if model is not None and str(model).lower() != "none":
-        from tasks.predict import is_uri, load_bundle
-
         default = str(model) == "models" and not is_uri(model) and not Path(root or ".", "models").exists()
         if default:
             note = "no models/ folder: probability left empty, ranks from hand-made patch features"
         else:
             bundle = load_bundle(Path(root or ".", model) if not is_uri(model) else model, root)
+    if bundle is not None and max_pixels:
+        bundle.max_pixels = max_pixels
     per_image = []
     for img in images:
-        table = screen(img, out_dir, bundle)
+        try:
+            table = screen(img, out_dir, bundle, max_pixels=max_pixels)
+        except InputError as exc:
+            log.warning("screen: %s", exc)
+            per_image.append({"image": str(img), "lesions": None, "most_odd": None, "error": str(exc)})
+            continue
         row: dict[str, Any] = {"image": str(img), "lesions": len(table),
                                "most_odd": None if table.empty else int(table.loc[table["ud_rank"].idxmin(), "lesion"])}
         if Path(img).with_suffix(".json").exists():
             row.update(evaluate_screen(load_truth(img), table))
         per_image.append(row)
     out: dict[str, Any] = {"images": len(per_image), "out": str(out_dir),
+                           "errors": sum(1 for r in per_image if r.get("error")),
                            "model": getattr(bundle, "source", None), "per_image": per_image}
     if note:
         out["note"] = note
@@ -266,72 +273,6 @@ def screen_files(images: Sequence[str | Path], out_dir: str | Path, model: str |
         out["recall"] = round(float(np.mean([r["recall"] for r in scored])), 4)
         out["odd_top1_rate"] = round(float(np.mean([r["odd_rank"] == 1 for r in scored])), 4)
     return out
-
-
-# --------------------------------------------------------------------------- synthetic wide-field photos
-def _true_box(before: np.ndarray, after: np.ndarray, tol: float = 0.03) -> list[int] | None:
-    changed = np.abs(after - before).max(axis=2) > tol
-    ys, xs = np.nonzero(changed)
-    if not len(xs):
-        return None
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-
-
-def render_widefield(rng: np.random.Generator, width: int = 1024, height: int = 768,
-                     n_lesions: tuple[int, int] = (4, 8)) -> tuple[np.ndarray, dict[str, Any]]:
-    """One photo (uint8 BGR): a patient's skin with benign lesions around a shared signature nevus and one
-    malignant lesion (the odd one), non-overlapping; plus its truth (boxes x, y, w, h; odd index; labels)."""
-    from tasks.fake.lesions import paint_lesion, sample_lesion, sample_patient_style, skin_background
-
-    style = sample_patient_style(rng)
-    style = type(style)(skin_tone=min(style.skin_tone, 0.6), nevus_brown=style.nevus_brown,
-                        nevus_size=style.nevus_size)  # darkest skins hide light nevi from any detector
-    img = skin_background(rng, height, width, style.skin_tone)
-    k = int(rng.integers(n_lesions[0], n_lesions[1] + 1))
-    odd = int(rng.integers(0, k))
-    s = min(width, height)
-    scale = s * rng.uniform(0.12, 0.16)  # lesion radius ~2-7 % of the short side: a wide-field view
-    placed: list[tuple[float, float, float]] = []
-    boxes, labels = [], []
-    for i in range(k):
-        spec = sample_lesion(rng, "malignant" if i == odd else "benign", style)
-        reach = 1.9 * spec.radius * scale * (1 + spec.asymmetry) * spec.elongation
-        for _ in range(200):  # rejection sampling: lesions never touch (a detector cannot split merged blobs)
-            cx, cy = rng.uniform(reach + 4, width - reach - 4), rng.uniform(reach + 4, height - reach - 4)
-            if all(math.hypot(cx - px, cy - py) > reach + pr + 8 for px, py, pr in placed):
-                break
-        else:
-            raise RuntimeError("could not place lesions without overlap; use a larger canvas or fewer lesions")
-        before = img.copy()
-        paint_lesion(img, spec, cx, cy, scale, angle=float(rng.uniform(0, 2 * math.pi)))
-        box = _true_box(before, img)
-        placed.append((cx, cy, reach))
-        boxes.append(box)
-        labels.append("malignant" if i == odd else "benign")
-    out = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return out, {"width": width, "height": height, "boxes": boxes, "odd_index": odd, "labels": labels,
-                 "skin_tone": round(style.skin_tone, 3)}
-
-
-def synth_widefield(out_dir: str | Path, n: int, seed: int = 0, width: int = 1024, height: int = 768) -> list[Path]:
-    """Write n synthetic wide-field photos (widefield_XXX.png) each with a JSON of true boxes and odd index."""
-    import cv2
-
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    files = []
-    for i in range(n):
-        img, truth = render_widefield(rng, width, height)
-        path = out_dir / f"widefield_{i:03d}.png"
-        ok, png = cv2.imencode(".png", img)
-        if not ok:
-            raise RuntimeError("cv2.imencode failed")
-        write_bytes(path, png.tobytes())
-        write_json(path.with_suffix(".json"), {**truth, "image": path.name, "seed": seed, "index": i})
-        files.append(path)
-    return files
 
 
 # --------------------------------------------------------------------------- evaluation (pure)
@@ -369,11 +310,3 @@ def evaluate_screen(truth: dict[str, Any], table: pd.DataFrame, min_iou: float =
             "recall": hit / max(1, len(truth["boxes"])), "precision": hit / max(1, len(found)),
             "odd_found": m_odd is not None,
             "odd_rank": None if m_odd is None else int(table["ud_rank"].iloc[m_odd])}
-
-
-def load_truth(image_path: str | Path) -> dict[str, Any]:
-    """The JSON synth_widefield wrote beside an image."""
-    p = Path(image_path).with_suffix(".json")
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no truth file (made by `lesionflow synth-widefield`)")
-    return json.loads(p.read_text())

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.screen import (
+from flows.apps.screen import (
     CSV_COLUMNS,
     crop_patch,
     detect_lesions,
@@ -110,3 +110,18 @@ def test_iou_matching_and_ud_scores() -> None:
     assert r[2] == 1 and sorted(r) == [1, 2, 3, 4]
     _, rz = ud_scores(np.array([[1.0, 100], [1.1, 101], [5.0, 100], [0.9, 99]]), normalise="zscore")
     assert rz[2] == 1
+
+
+def test_screen_files_reports_an_unreadable_photo_and_goes_on(widefield: list[Path], tmp_path: Path) -> None:
+    """Issue 10: one broken photo is an error entry in the summary; the other photos are still screened."""
+    from flows.apps.screen import screen_files
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    summary = screen_files([widefield[0], bad], tmp_path / "out", model="none")
+    assert summary["images"] == 2 and summary["errors"] == 1
+    good, broken = summary["per_image"]
+    assert good["lesions"] >= 4 and "recall" in good
+    assert "broken.png" in broken["error"] and broken["lesions"] is None
+    capped = screen_files([widefield[0]], tmp_path / "out2", model="none", max_pixels=1000)
+    assert capped["errors"] == 1

@@ -1,0 +1,1 @@
+"""User-facing apps on a trained model: `predict` (score files) and `screen` (wide-field photos)."""
