@@ -164,7 +164,7 @@ def synth_hashes(real_hashes: np.ndarray, n: int, radius: int, rng: np.random.Ge
     m = max(1, n // 100)
     src = rng.choice(n, m, replace=False)
     dst = rng.choice(np.setdiff1d(np.arange(n), src), m, replace=False)
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         b = bits[s].copy()
         b[rng.choice(rb.shape[1], int(rng.integers(0, radius + 1)), replace=False)] ^= 1
         bits[d] = b
@@ -185,8 +185,8 @@ def bench_search(real_hashes: np.ndarray, sizes: list[int], radii: list[int], re
             cpu = time.process_time() - t
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
-            found = set(zip(pairs["i"].tolist(), pairs["j"].tolist()))
-            hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), dst.tolist()))
+            found = set(zip(pairs["i"].tolist(), pairs["j"].tolist(), strict=True))
+            hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), dst.tolist(), strict=True))
             method = "exact" if len(np.unique(h, axis=0)) <= brute_force_max else "lsh"
             k, tables = N.lsh_plan(n, r, recall)
             out[f"r={r},n={n}"] = {
@@ -203,9 +203,10 @@ def bench_search(real_hashes: np.ndarray, sizes: list[int], radii: list[int], re
 def photo_truth(index: pd.DataFrame, dupes: Path, real_meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the canonical photo id (ground truth) and the isic-real group_id (for ambiguous pairs)."""
     pairs = pd.read_csv(dupes / "pairs.csv")
-    partner = dict(zip(pairs["id_in_isic_dupes"], pairs["id_in_isic_real"]))
+    partner = dict(zip(pairs["id_in_isic_dupes"], pairs["id_in_isic_real"], strict=True))
     photo = []
-    for src, iid, orig in zip(index["source"], index["isic_id"], index.get("planted_from", [None] * len(index))):
+    planted_from = index.get("planted_from", [None] * len(index))
+    for src, iid, orig in zip(index["source"], index["isic_id"], planted_from, strict=True):
         if src == "isic-real":
             photo.append(iid)
         elif src == "isic-dupes":
@@ -317,7 +318,7 @@ def bench_quality(real: Path, dupes: Path, planted_n: int, configs: list[dict[st
                          & ~pairs["b"].str.startswith("planted")]
             feats = N.FeatureCache(paths.cache / "dedupe", params.dedupe.thumb_size).load()
             pos = pd.Series(np.arange(len(feats)), index=feats.sha)
-            sha = dict(zip(out["source"] + ":" + out["isic_id"], out["content_sha256"]))
+            sha = dict(zip(out["source"] + ":" + out["isic_id"], out["content_sha256"], strict=True))
             cost = {}
             for verdict, part in near.groupby("accepted"):
                 ij = pd.DataFrame({"i": pos[[sha[a] for a in part["a"]]].to_numpy(),
@@ -363,7 +364,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the default config in the quality sweep")
     args = ap.parse_args()
     if not (args.real / "metadata.csv").exists() or not (args.dupes / "metadata.csv").exists():
-        raise SystemExit(f"needs {args.real} and {args.dupes} (../shared/data)")
+        raise SystemExit(f"needs {args.real} and {args.dupes} (pass --real and --dupes)")
     sizes = [int(s) for s in args.sizes.split(",")]
     radii = [int(r) for r in args.radii.split(",")]
     defaults = Dedupe()

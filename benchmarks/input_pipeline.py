@@ -85,6 +85,7 @@ def main() -> None:
     from tasks import train
     from tasks.core.config import Augment, Train
     from tasks.models.classifier import build_member
+    from tasks.models.inputs import make_dataset
 
     tf.config.experimental.enable_op_determinism()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +96,8 @@ def main() -> None:
         batches = max(1, args.n // args.batch)
 
         def dataset():
-            return train.make_dataset(files, y, None, size=args.size, batch_size=args.batch, training=True,
-                                      seed=0, augment=augment, cache="memory")
+            return make_dataset(files, y, None, size=args.size, batch_size=args.batch, training=True, seed=0,
+                                augment=augment, cache="memory")
 
         it = iter(dataset())  # one iterator: pass 1 decodes and fills the cache, pass 2 reads from it
         first = rate_of(it, batches)

@@ -433,10 +433,11 @@ def plot_class_balance(bal: pd.DataFrame, out: Path) -> None:
         x = np.arange(len(sources))
         ax.bar(x, ben, label="benign (0)", color="#7aa6c2")
         ax.bar(x, mal, bottom=ben, label="malignant (1)", color="#c0504d")
-        for xi, b, m in zip(x, ben, mal):
+        for xi, b, m in zip(x, ben, mal, strict=True):
             ax.text(xi, b + m, f"{m / (b + m):.0%} mal." if b + m else "", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, sources, rotation=20, ha="right")
-        ax.set_ylim(0, max(b + m for b, m in zip(ben, mal)) * 1.25 or 1)  # headroom for the legend and labels
+        # headroom for the legend and labels
+        ax.set_ylim(0, max(b + m for b, m in zip(ben, mal, strict=True)) * 1.25 or 1)
         ax.legend(fontsize=8, loc="upper right", ncols=2)
     else:
         ax.text(0.5, 0.5, "no rows kept", ha="center", va="center", transform=ax.transAxes)

@@ -14,10 +14,11 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -189,7 +190,8 @@ def dedupe_table(index: pd.DataFrame, feats: Features, sha_per_row: Sequence[str
     ok = feats.ok[fi]
     df["content_sha256"] = np.asarray(sha_per_row, dtype=object)
     df["pixhash"] = np.where(ok, feats.pixhash[fi], "")
-    df["phash"] = [("".join(f"{int(w):016x}" for w in h) if o else "") for h, o in zip(feats.phash[fi], ok)]
+    df["phash"] = [("".join(f"{int(w):016x}" for w in h) if o else "")
+                   for h, o in zip(feats.phash[fi], ok, strict=True)]
     df["decoded_x"] = np.where(ok, feats.width[fi], 0).astype(int)
     df["decoded_y"] = np.where(ok, feats.height[fi], 0).astype(int)
     df["readable"] = ok
@@ -331,7 +333,7 @@ def _cacheable(feats: Features) -> np.ndarray:
     """Rows worth caching: a missing file is not content (it may appear by the next run), and a file refused
     for its header size must be looked at again if the pixel cap is raised."""
     return np.array([not s.startswith("missing-") and not e.startswith("too_large")
-                     for s, e in zip(feats.sha, feats.error)], bool)
+                     for s, e in zip(feats.sha, feats.error, strict=True)], bool)
 
 
 def features_for(index: pd.DataFrame, shas: list[str], paths: Paths, cfg: Dedupe,
@@ -340,7 +342,7 @@ def features_for(index: pd.DataFrame, shas: list[str], paths: Paths, cfg: Dedupe
     cached = cache.load() if cache is not None else Features.empty(cfg.thumb_size)
     have = set(cached.sha.tolist())
     todo: dict[str, str] = {}
-    for sha, p in zip(shas, index["path"].astype(str)):
+    for sha, p in zip(shas, index["path"].astype(str), strict=True):
         if sha not in have and sha not in todo:
             todo[sha] = str(paths.abs(p))
     new = compute_features(list(todo.items()), cfg.thumb_size, cfg.workers,

@@ -59,7 +59,8 @@ def _has_column(df: pd.DataFrame, col: str) -> bool:
     if col in df.columns:
         return True
     if "linked_ids" in df.columns:
-        return bool(df["linked_ids"].fillna("").astype(str).str.contains(f"(?:^|\\|){re.escape(col)}=", regex=True).any())
+        tokens = df["linked_ids"].fillna("").astype(str)
+        return bool(tokens.str.contains(f"(?:^|\\|){re.escape(col)}=", regex=True).any())
     return False
 
 
@@ -112,7 +113,7 @@ def connected_groups(df: pd.DataFrame, group_by: list[str]) -> np.ndarray:
         order = np.lexsort((rows, codes))
         c_sorted, r_sorted = codes[order], rows[order]
         same = c_sorted[1:] == c_sorted[:-1]  # consecutive rows sharing a key value get unioned
-        for a, b in zip(r_sorted[:-1][same].tolist(), r_sorted[1:][same].tolist()):
+        for a, b in zip(r_sorted[:-1][same].tolist(), r_sorted[1:][same].tolist(), strict=True):
             ra, rb = find(a), find(b)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
@@ -221,7 +222,8 @@ def split_metrics(df: pd.DataFrame, cfg: Split) -> dict[str, Any]:
         "seed": cfg.seed,
         "group_by_used": [c for c in cfg.group_by if _present(df, c)],
         "group_by_absent": [c for c in cfg.group_by if not _present(df, c)],
-        "group_size": {"max": int(sizes.max()) if len(sizes) else 0, "mean": round(float(sizes.mean()), 3) if len(sizes) else 0.0,
+        "group_size": {"max": int(sizes.max()) if len(sizes) else 0,
+                       "mean": round(float(sizes.mean()), 3) if len(sizes) else 0.0,
                        "singletons": int((sizes == 1).sum())},
         "malignant_share_overall": round(overall, 4),
         "malignant_share_max_gap": round(max((abs(v["malignant_share"] - overall) for v in per_split.values()

@@ -126,10 +126,7 @@ def make_augment(augment_cfg: Any, size: int, base_seed: int,
                  factory: Callable[[Any, int], Any] | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """numpy fn (k, image) -> augmented image; the draw depends only on (base_seed, k), never on which
     tf.data thread runs it or in what order, so parallel augmentation stays deterministic."""
-    try:
-        from tasks.core.augmentation import augment_copy, build_augmenter
-    except ImportError:  # until the albumentations helpers have moved out of the augment stage
-        from tasks.augment import augment_copy, build_augmenter  # noqa: I001
+    from tasks.core.augmentation import augment_copy, build_augmenter
 
     factory = factory or build_augmenter
     local = threading.local()  # one augmenter per tf.data thread: albumentations objects hold RNG state

@@ -24,14 +24,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -171,7 +171,8 @@ class ModelInfo:
             if self.val_sensitivity is not None and self.val_specificity is not None:
                 text += (f"; measured on validation: sensitivity {self.val_sensitivity:.2f}, specificity "
                          f"{self.val_specificity:.2f}")
-            text += f"). About {100 - pct} in 100 malignant lesions still score below it: 'not flagged' is not 'benign'."
+            text += (f"). About {100 - pct} in 100 malignant lesions still score below it: 'not flagged' is not "
+                     "'benign'.")
         return text
 
 
@@ -276,7 +277,7 @@ def gradcam_maps(bundle: Bundle, images: np.ndarray, metadata: np.ndarray | None
         feeds[METADATA_INPUT] = metadata.astype(np.float32)
     size = images.shape[1]
     acc = np.zeros(images.shape[:3], np.float64)
-    for member, w in zip(members, weights):
+    for member, w in zip(members, weights, strict=True):
         if w == 0:
             continue
         cams = gradcam(member, feeds)
@@ -419,8 +420,9 @@ class Service:
             scores = score_patches(patches, self.scorer)
         table = pd.concat([boxes, scores], axis=1)
         table.insert(0, "lesion", np.arange(len(table)))
+        threshold = self.bundle.threshold
         lesions = [{"lesion": int(r.lesion), "ud_rank": int(r.ud_rank), "ud_score": float(r.ud_score),
-                    "probability_malignant": float(r.probability), "flagged": bool(r.probability >= self.bundle.threshold),
+                    "probability_malignant": float(r.probability), "flagged": bool(r.probability >= threshold),
                     "x": int(r.x), "y": int(r.y), "w": int(r.w), "h": int(r.h), "area": int(r.area)}
                    for r in table.sort_values("ud_rank", kind="stable").itertuples(index=False)]
         notes = ["the classifier was trained on dermoscopy close-ups: its probability on a wide-field crop is a "
@@ -791,11 +793,16 @@ def serve_app(model: str | Path = DEFAULT_MODEL, root: Path | str = ".", *, host
     ref = str(model)
     if not is_uri(ref) and not Path(ref).is_absolute() and not Path(ref).exists():
         ref = str(root / ref)
+    hint = (f"For a local model use `--model models` (after `lesionflow stage train`); the default "
+            f"{DEFAULT_MODEL} needs a champion in {root}/mlruns (`lesionflow demo` or `lesionflow promote`).")
     try:
         bundle = load_bundle(ref, root)
     except FileNotFoundError as exc:
-        raise InputError(f"{exc}. For a local model use `--model models` (after `lesionflow stage train`); the "
-                         f"default {DEFAULT_MODEL} needs `lesionflow demo` or `lesionflow promote`.") from None
+        raise InputError(f"{exc}. {hint}") from None
+    except Exception as exc:  # the registry's own errors (MlflowException: no such model or alias)
+        if not is_uri(ref):
+            raise
+        raise InputError(f"{ref}: cannot load it from the model registry ({exc}). {hint}") from None
     info = describe_model(bundle, ref, root)
     app = create_app(bundle, info, limits=limits, keep_dir=Path(keep_dir) if keep_dir else None)
     log.info("serving %s (version %s) on http://%s:%d", info.name, info.version, host, port)

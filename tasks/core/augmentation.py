@@ -35,7 +35,7 @@ def reseed(aug: Any, seed: int) -> Any:
     """
     aug.set_random_seed(seed)
     children = np.random.SeedSequence(seed).spawn(len(aug.transforms))
-    for t, ss in zip(aug.transforms, children):
+    for t, ss in zip(aug.transforms, children, strict=True):
         t.set_random_seed(int(ss.generate_state(1)[0]))
     return aug
 

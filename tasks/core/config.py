@@ -125,7 +125,7 @@ class Clean(Strict):
     indeterminate: Literal["drop", "benign", "malignant"] = "drop"
     min_side: int = Field(default=32, ge=1)  # images with a shorter side (px) are quarantined
     max_pixels: int = Field(default=50_000_000, ge=1)  # width x height from the header; larger = quarantined, never decoded
-    workers: int = Field(default=2, ge=1, le=64)  # decode threads (cv2.imdecode/hashlib release the GIL)
+    workers: int = Field(default=2, ge=1, le=64)  # decode processes (JPEG warning capture is per process)
     check_declared_size: bool = True  # quarantine if decoded size != metadata pixels_x/pixels_y (either orientation)
     verify_checksum: bool = True  # quarantine if the bytes no longer match ingest's sha256 (or file_size)
 
@@ -295,7 +295,7 @@ class Train(Strict):
     reduce_lr_patience: int = Field(default=2, ge=1)
     reduce_lr_factor: float = Field(default=0.5, gt=0, lt=1)
     min_lr: float = Field(default=1e-6, ge=0)
-    online_augment: bool = True  # albumentations (tasks.augment.build_augmenter) inside tf.data
+    online_augment: bool = True  # albumentations (tasks.core.augmentation.build_augmenter) inside tf.data
     cache: Literal["memory", "disk", "none"] = "memory"  # decoded images; disk = .cache/lesionflow/tfdata
     include_offline_copies: bool = True  # rows with augmented_from (augment stage)
     include_synthetic: bool = True  # rows flagged synthetic (upsample stage)

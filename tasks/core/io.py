@@ -8,10 +8,11 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -28,7 +29,7 @@ class Paths:
     root: Path
 
     @classmethod
-    def here(cls) -> "Paths":
+    def here(cls) -> Paths:
         return cls(Path.cwd())
 
     @property
@@ -152,6 +153,24 @@ def read_index(paths: Paths, stage: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def read_csv(path: Path | str, **kwargs: Any) -> pd.DataFrame:
+    """A user-supplied CSV as a DataFrame: UTF-8 (a byte-order mark is fine); InputError naming the file when it
+    is missing, empty, not UTF-8 or not parseable, with what to do about it."""
+    path = Path(path)
+    kwargs.setdefault("encoding", "utf-8-sig")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.csv > out.csv`") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: empty file; expected a CSV with a header row") from None
+    except pd.errors.ParserError as exc:
+        raise InputError(f"{path}: not a valid CSV ({str(exc).strip()})") from None
+
+
 def show_progress() -> bool:
     """Progress bars only when a person is watching (a TTY), never in CI logs; LESIONFLOW_PROGRESS=0/1 forces."""
     forced = os.environ.get("LESIONFLOW_PROGRESS")
@@ -189,9 +208,7 @@ def write_file_atomic(path: str, data: bytes) -> None:
         raise
 
 
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
-
 
 
 def safe_name(text: str) -> str:
@@ -200,17 +217,14 @@ def safe_name(text: str) -> str:
     return name or "_"
 
 
-
 def shard_of(isic_id: str) -> str:
     """Two hex chars of sha1(id): 256 sub-folders, ~400 files each at 100k images (fast listings)."""
     return hashlib.sha1(str(isic_id).encode()).hexdigest()[:2]
 
 
-
 def image_relpath(stage: str, source: str, isic_id: str) -> str:
     """data/<stage>/images/<source>/<shard>/<isic_id>.png (relative to the project root)."""
     return f"data/{stage}/images/{safe_name(source)}/{shard_of(isic_id)}/{safe_name(isic_id)}.png"
-
 
 
 def prune_outputs(images_dir: Path, keep: set[str]) -> int:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 Label = Literal["malignant", "benign", "indeterminate", "unknown"]
 
-# Legacy flat `diagnosis` (ISIC archive <= 2024) and HAM10000 `dx` codes (REFERENCE.md section 9).
+# Legacy flat `diagnosis` (ISIC archive <= 2024) and HAM10000 `dx` codes.
 _LEGACY_MALIGNANT = {
     "melanoma", "melanoma metastasis", "basal cell carcinoma", "squamous cell carcinoma",
     "merkel cell carcinoma", "mel", "bcc", "akiec", "scc",

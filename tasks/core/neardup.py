@@ -24,10 +24,11 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -71,19 +72,19 @@ class Features:
         return len(self.sha)
 
     @classmethod
-    def empty(cls, thumb_size: int) -> "Features":
+    def empty(cls, thumb_size: int) -> Features:
         return cls(np.zeros(0, "<U64"), np.zeros(0, bool), np.zeros(0, "<U1"), np.zeros(0, np.int32),
                    np.zeros(0, np.int32), np.zeros(0, "<U32"), np.zeros((0, PHASH_WORDS), np.uint64),
                    np.zeros((0, thumb_size, thumb_size), np.uint8))
 
     @classmethod
-    def concat(cls, parts: Sequence["Features"], thumb_size: int) -> "Features":
+    def concat(cls, parts: Sequence[Features], thumb_size: int) -> Features:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty(thumb_size)
         return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__))
 
-    def take(self, idx: np.ndarray) -> "Features":
+    def take(self, idx: np.ndarray) -> Features:
         return Features(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
@@ -162,7 +163,7 @@ def _features_of_files(jobs: list[tuple[str, str]], thumb_size: int,
 
     cv2.setNumThreads(1)  # the pool provides the parallelism; OpenCV threads would oversubscribe the cores
     recs = []
-    for sha, path in jobs:
+    for _sha, path in jobs:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -192,7 +193,8 @@ def compute_features(jobs: list[tuple[str, str]], thumb_size: int, workers: int 
 
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
     if workers <= 1 or len(jobs) < _POOL_MIN_JOBS:
-        parts = [_features_of_files(c, thumb_size, max_pixels) for c in progress(chunks, desc="dedupe: hashing", unit="chunk")]
+        parts = [_features_of_files(c, thumb_size, max_pixels)
+                 for c in progress(chunks, desc="dedupe: hashing", unit="chunk")]
     else:
         # The platform default start method (fork on Linux): spawn would re-import the caller's __main__,
         # which breaks any script without a main guard; workers only run numpy/OpenCV on their own data.
@@ -468,7 +470,7 @@ def verify_pair(ta: np.ndarray, tb: np.ndarray, corr_min: float, detail_min: flo
 def verify_pairs(thumbs: np.ndarray, pairs: pd.DataFrame, corr_min: float, detail_min: float,
                  workers: int = 1) -> pd.DataFrame:
     """Add corr, detail, aligned, accepted columns to (i, j) pairs of rows of `thumbs`."""
-    ij = list(zip(pairs["i"].to_numpy(), pairs["j"].to_numpy()))
+    ij = list(zip(pairs["i"].to_numpy(), pairs["j"].to_numpy(), strict=True))
 
     def one(p: tuple[int, int]) -> Verdict:
         return verify_pair(thumbs[p[0]], thumbs[p[1]], corr_min, detail_min)

@@ -21,7 +21,6 @@ TensorFlow is imported only inside functions.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.core.errors import InputError
+from tasks.core.images import DEFAULT_MAX_PIXELS
 from tasks.core.io import Paths, read_index
 from tasks.core.metrics import score
 from tasks.models.inputs import CONFIG_FILE, INPUT_STAGE, MODEL_FILE, encode_metadata, load_images, test_rows
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64
 MIN_SIDE = 16  # raw images with a shorter side are an error row: too little lesion to score
-try:
-    from tasks.core.images import DEFAULT_MAX_PIXELS
-except ImportError:  # older images.py without decode limits
-    DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ModelNotFoundError(InputError, FileNotFoundError):
@@ -90,26 +86,12 @@ def predict_proba(model: Any, images: np.ndarray, metadata: np.ndarray | None = 
 
 
 # --------------------------------------------------------------------------- decoding with limits
-def _decode_accepts_limits() -> bool:
-    from tasks.core.images import decode
-
-    return "max_pixels" in inspect.signature(decode).parameters
-
-
 def decode_limited(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_SIDE) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB, refusing images over `max_pixels` (before decoding where the header tells)
-    or with a shorter side under `min_side` (tasks.core.images.ImageRejected / InputError)."""
+    """Encoded bytes -> uint8 RGB, refusing images over `max_pixels` (from the header, before decoding) or with a
+    shorter side under `min_side` (tasks.core.images.ImageRejected, an InputError naming the reason)."""
     from tasks.core.images import decode
 
-    if _decode_accepts_limits():
-        return decode(data, max_pixels=max_pixels, min_side=min_side)
-    img = decode(data)  # fallback for a decode without limits: the same checks after decoding
-    h, w = img.shape[:2]
-    if h * w > max_pixels:
-        raise InputError(f"image too large: {w}x{h} = {h * w} pixels > max_pixels {max_pixels}")
-    if min(h, w) < min_side:
-        raise InputError(f"image too small: {w}x{h}, shorter side < {min_side} px")
-    return img
+    return decode(data, max_pixels=max_pixels, min_side=min_side)
 
 
 # --------------------------------------------------------------------------- the bundle

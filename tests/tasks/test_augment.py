@@ -34,7 +34,7 @@ def _preprocess_project(root: Path, broken: bool = False) -> Paths:
     paths = Paths(root)
     rows = []
     splits = ["train", "train", "train", "val", "val", "test", "test"]
-    for i, (img, split) in enumerate(zip(_images(len(splits)), splits)):
+    for i, (img, split) in enumerate(zip(_images(len(splits)), splits, strict=True)):
         rel = image_relpath("preprocess", "s1", f"ISIC_{i:07d}")
         paths.abs(rel).parent.mkdir(parents=True, exist_ok=True)
         paths.abs(rel).write_bytes(encode_png(img))
@@ -84,7 +84,7 @@ def test_offline_copies_are_reproducible_and_independent_of_other_images(tmp_pat
         idx = read_index(paths, "augment")
         idx = idx[idx["augmented_from"].notna()]
         return {f"{s}/{i}": hashlib.sha256(paths.abs(p).read_bytes()).hexdigest()
-                for s, i, p in zip(idx["source"], idx["isic_id"], idx["processed_path"])}
+                for s, i, p in zip(idx["source"], idx["isic_id"], idx["processed_path"], strict=True)}
 
     full = _preprocess_project(tmp_path / "a")
     run(_params(offline_copies=2, workers=2), full)

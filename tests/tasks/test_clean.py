@@ -234,7 +234,7 @@ def test_legacy_sites_mapped_to_current_names():
                        "anatom_site_1": [None] * len(legacy) + ["Lower extremity"],
                        "anatom_site_2": [None] * len(legacy) + ["Thigh"]})
     out, stats = normalise_metadata(df)
-    got = list(zip(out["anatom_site_1"], out["anatom_site_2"], out["anatom_site_special"]))
+    got = list(zip(out["anatom_site_1"], out["anatom_site_2"], out["anatom_site_special"], strict=True))
     nan = float("nan")
     expected = [("Head and neck", nan, nan), ("Trunk", "Anterior trunk", nan), ("Trunk", "Posterior trunk", nan),
                 ("Trunk", "Lateral trunk", nan), ("Upper extremity", nan, nan), ("Lower extremity", nan, nan),

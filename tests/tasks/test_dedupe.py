@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from tasks import dedupe as D
-from tasks.core.errors import RunError
-from tasks.core.neardup import FeatureCache
 from tasks.core.config import parse_params
+from tasks.core.errors import RunError
 from tasks.core.io import KEY, Paths, write_index
+from tasks.core.neardup import FeatureCache
 from tests.tasks.core.lesion_images import crop, lesion_image, recolour, write
 
 
@@ -262,9 +262,10 @@ def test_project_synthetic_source_against_its_planted_truth(tmp_path: Path) -> N
     out = pd.read_parquet(paths.index("dedupe")).set_index("isic_id")
     planted = pd.read_csv(folder / "planted.csv", dtype=str)
     copies = planted[planted["of_isic_id"].notna() & planted["of_isic_id"].isin(out.index)]
-    same = [out.at[a, "dup_group"] == out.at[b, "dup_group"] for a, b in zip(copies["isic_id"], copies["of_isic_id"])]
+    same = [out.at[a, "dup_group"] == out.at[b, "dup_group"]
+            for a, b in zip(copies["isic_id"], copies["of_isic_id"], strict=True)]
     assert len(copies) >= 30 and np.mean(same) >= 0.95, copies[~np.array(same)]
-    truth = {frozenset(p) for p in zip(copies["isic_id"], copies["of_isic_id"])}
+    truth = {frozenset(p) for p in zip(copies["isic_id"], copies["of_isic_id"], strict=True)}
     merged = [frozenset((a, b)) for _, g in out.groupby("dup_group") for a in g.index for b in g.index if a < b]
     assert set(merged) <= truth, f"merged without being planted: {set(merged) - truth}"
     conflict = copies[copies["kind"] == "conflicting_label"]
@@ -293,10 +294,10 @@ def test_real_isic_real_plus_isic_dupes(tmp_path: Path, isic_real: Path, isic_du
     D.run(params(workers=2), paths)
     seconds = time.perf_counter() - t0
     out = pd.read_parquet(paths.index("dedupe"))
-    group = dict(zip(zip(out["source"], out["isic_id"]), out["dup_group"]))
+    group = dict(zip(zip(out["source"], out["isic_id"], strict=True), out["dup_group"], strict=True))
 
     pairs = pd.read_csv(isic_dupes / "pairs.csv")
-    missed = [(a, b) for a, b in zip(pairs["id_in_isic_real"], pairs["id_in_isic_dupes"])
+    missed = [(a, b) for a, b in zip(pairs["id_in_isic_real"], pairs["id_in_isic_dupes"], strict=True)
               if group["isic-real", a] != group["isic-dupes", b]]
     assert not missed, f"pairs.csv pairs not grouped: {missed}"
 
@@ -316,8 +317,9 @@ def test_real_isic_real_plus_isic_dupes(tmp_path: Path, isic_real: Path, isic_du
     # photo, re-coloured and cropped (checked by eye): ISIC_0000226 == ISIC_0014949 (pHash 58 bits apart).
     known_missed = {frozenset({"ISIC_0000226", "ISIC_0014949"})}
     real_meta = pd.read_csv(isic_real / "metadata.csv", dtype=str).set_index("isic_id")["group_id"]
-    partner = dict(zip(pairs["id_in_isic_dupes"], pairs["id_in_isic_real"]))
-    photo = [i if s == "isic-real" else partner.get(i, f"dupes:{i}") for s, i in zip(out["source"], out["isic_id"])]
+    partner = dict(zip(pairs["id_in_isic_dupes"], pairs["id_in_isic_real"], strict=True))
+    photo = [i if s == "isic-real" else partner.get(i, f"dupes:{i}")
+             for s, i in zip(out["source"], out["isic_id"], strict=True)]
     assert len(set(photo)) == 2617
     extra = []
     for _, members in pd.Series(photo).groupby(out["dup_group"].to_numpy()):

@@ -236,14 +236,14 @@ def test_run_end_to_end_quarantines_bad_images_and_is_deterministic(tmp_path: Pa
     split = read_index(paths, "split")
     assert list(idx.columns) == [*split.columns, "processed_path"]
     assert set(idx["isic_id"]) == {f"ISIC_{i:07d}" for i in range(6)}
-    for rel, sid, iid in zip(idx["processed_path"], idx["source"], idx["isic_id"]):
+    for rel, sid, iid in zip(idx["processed_path"], idx["source"], idx["isic_id"], strict=True):
         assert rel == image_relpath("preprocess", sid, iid) and not Path(rel).is_absolute()
         img = decode(paths.abs(rel).read_bytes())
         assert img.shape == (32, 32, 3)
 
     failed = pd.read_csv(paths.stage("preprocess") / "failed.csv")
     assert set(failed["isic_id"]) == {"ISIC_0000098", "ISIC_0000099"}
-    reasons = dict(zip(failed["isic_id"], failed["error"]))
+    reasons = dict(zip(failed["isic_id"], failed["error"], strict=True))
     assert "decode" in reasons["ISIC_0000098"] and "FileNotFoundError" in reasons["ISIC_0000099"]
 
     metrics = pd.read_json(paths.reports / "preprocess" / "metrics.json", typ="series")

@@ -238,7 +238,7 @@ def test_two_real_sources_merged_keep_their_groups(isic_real: Path, isic_dupes: 
 
     real, dupes = load(isic_real, "isic-real"), load(isic_dupes, "isic-dupes")
     pairs = pd.read_csv(isic_dupes / "pairs.csv")
-    partner = dict(zip(pairs["id_in_isic_dupes"], pairs["id_in_isic_real"]))
+    partner = dict(zip(pairs["id_in_isic_dupes"], pairs["id_in_isic_real"], strict=True))
     real = real.assign(dup_group=real["isic_id"], keep=~real["isic_id"].isin(set(partner.values())),
                        dup_reason=lambda d: np.where(d["keep"], None, "ground-truth pair: isic-dupes copy kept"))
     dupes = dupes.assign(dup_group=dupes["isic_id"].map(partner).fillna(dupes["isic_id"]), keep=True, dup_reason=None)
@@ -252,7 +252,7 @@ def test_two_real_sources_merged_keep_their_groups(isic_real: Path, isic_dupes: 
     differs = kept[kept["isic_id"].map(partner).map(real_group) != kept["group_id"]]
     assert len(differs) > 0
     assert all(f"group_id={real_group[partner[i]]}" in link.split("|")
-               for i, link in zip(differs["isic_id"], differs["linked_ids"]))
+               for i, link in zip(differs["isic_id"], differs["linked_ids"], strict=True))
     out = assign_splits(res.index, Split())
     unit = np.where(out["source"] == "isic-real", out["isic_id"].map(real_group),
                     out["isic_id"].map(partner).map(real_group))

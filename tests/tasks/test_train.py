@@ -216,7 +216,8 @@ def test_train_rerun_in_process_gives_identical_weights_and_metrics(lf_trained: 
 
     root = build_tiny_project(tmp_path / "again", lf_tiny_params)
     train.run(lf_tiny_params, Paths(root))
-    for rel in ("reports/train/metrics.json", "reports/train/history.csv", "models/classifier.json"):
+    for rel in ("reports/train/metrics.json", "reports/train/history.csv", "models/classifier.json",
+                "models/classifier.keras"):  # the .keras file too: no save timestamp inside
         assert (root / rel).read_bytes() == (lf_trained / rel).read_bytes(), rel
     _assert_same_weights(root / "models" / inputs.MODEL_FILE, lf_trained / "models" / inputs.MODEL_FILE)
 
@@ -259,7 +260,8 @@ def test_reruns_in_fresh_processes_are_bit_identical(lf_tiny_params: Params, tmp
         assert json.loads(res.stdout.strip().splitlines()[-1])["members"] == 2
         roots.append(root)
     a, b = roots
-    for rel in ("reports/train/metrics.json", "reports/train/history.csv", "models/classifier.json"):
+    for rel in ("reports/train/metrics.json", "reports/train/history.csv", "models/classifier.json",
+                "models/classifier.keras"):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     _assert_same_weights(a / "models" / inputs.MODEL_FILE, b / "models" / inputs.MODEL_FILE)
 

@@ -50,7 +50,8 @@ def test_predict_scores_folders_and_reports_bad_files(lf_trained: Path, tmp_path
     assert list(df.columns) == P.OUTPUT_COLUMNS and len(df) == 96 + 3 and summary["errors"] == 3
     errors = df[df["error"].notna()]
     assert errors["isic_id"].tolist() == ["broken", "gone", "tiny"]
-    assert "FileNotFoundError" in errors["error"].iloc[1] and ("small" in errors["error"].iloc[2] or "min_side" in errors["error"].iloc[2])
+    assert "cannot decode" in errors["error"].iloc[0] and "FileNotFoundError" in errors["error"].iloc[1]
+    assert "min_side" in errors["error"].iloc[2] or "small" in errors["error"].iloc[2]
     assert errors["probability_malignant"].isna().all() and errors["prediction"].isna().all()
     ok = df[df["error"].isna()]
     threshold = json.loads((lf_trained / "models" / "classifier.json").read_text())["threshold"]

@@ -26,11 +26,11 @@ def test_same_seed_same_outputs_on_the_same_sequence() -> None:
     a, b = build_augmenter(Augment(seed=7), 32), build_augmenter(Augment(seed=7), 32)
     outs_a = [a(image=im)["image"] for im in imgs]
     outs_b = [b(image=im)["image"] for im in imgs]
-    assert all(np.array_equal(x, y) for x, y in zip(outs_a, outs_b))
+    assert all(np.array_equal(x, y) for x, y in zip(outs_a, outs_b, strict=True))
     # the sequence is random (not the same transform every call) and a different seed differs
     assert len({x.tobytes() for x in outs_a}) > 6
     c = build_augmenter(Augment(seed=8), 32)
-    assert not all(np.array_equal(x, c(image=im)["image"]) for x, im in zip(outs_a, imgs))
+    assert not all(np.array_equal(x, c(image=im)["image"]) for x, im in zip(outs_a, imgs, strict=True))
 
 
 def test_transforms_draw_independently() -> None:

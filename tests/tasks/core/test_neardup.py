@@ -3,11 +3,8 @@ LSH), the pixel cap on feature decoding, the feature cache."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
-import pytest
 
 from tasks.core import neardup as N
 from tests.tasks.core.lesion_images import crop, lesion_image, recolour
@@ -51,7 +48,7 @@ def test_lsh_search_is_exact_in_distance_and_finds_planted_pairs() -> None:
     h, planted = _random_hashes(3000, 60, 40, seed=1)
     brute = N.near_pairs(h, 40, brute_force_max=10**9)
     lsh = N.near_pairs(h, 40, recall=0.999, brute_force_max=0)
-    b, l_ = set(zip(brute.i, brute.j)), set(zip(lsh.i, lsh.j))
+    b, l_ = set(zip(brute.i, brute.j, strict=True)), set(zip(lsh.i, lsh.j, strict=True))
     assert l_ <= b  # never a pair beyond the radius
     assert set(planted) <= b and len(l_ & set(planted)) >= 59
     assert (lsh["hamming"] <= 40).all() and (lsh["i"] < lsh["j"]).all()
