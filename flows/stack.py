@@ -281,6 +281,14 @@ def read_pid(lay: Layout, service: str) -> int | None:
     return None
 
 
+def _spawned_alive(lay: Layout, service: str) -> bool:
+    """The process `_spawn` just started is alive (its command line may not be exec'ed yet)."""
+    try:
+        return alive(int(lay.pidfile(service).read_text().strip()))
+    except (OSError, ValueError):
+        return False
+
+
 def _group_members(pgid: int) -> list[int]:
     out = []
     for p in Path("/proc").iterdir():
@@ -385,7 +393,7 @@ def _wait(lay: Layout, cfg: StackConfig, services: Sequence[str], timeout: float
             if healthy(s, cfg):
                 pending.remove(s)
                 say(f"  {s}: up ({time.monotonic() - t0:.1f} s)")
-            elif s != "postgres" and read_pid(lay, s) is None:
+            elif s != "postgres" and not _spawned_alive(lay, s):
                 raise StackError(f"{s} exited during start-up; see {lay.log(s)}:\n{_tail(lay.log(s))}")
         if pending and time.monotonic() - t0 > timeout:
             s = pending[0]
@@ -615,7 +623,7 @@ def _setup_prefect(cfg: StackConfig, lay: Layout, gpu_limit: int, say: Callable[
         raise StackError(f"prefect: setting the gpu tag limit failed ({status}): {body}")
     status, _ = _http("GET", f"{api}/work_pools/{cfg.pool}/queues/gpu")
     if status == 404:
-        status, body = _http("POST", f"{api}/work_pools/{cfg.pool}/queues/",
+        status, body = _http("POST", f"{api}/work_pools/{cfg.pool}/queues",
                              {"name": "gpu", "concurrency_limit": gpu_limit,
                               "description": "GPU stages; GPU nodes run: prefect worker start --pool "
                                              f"{cfg.pool} --work-queue gpu"})
@@ -632,7 +640,7 @@ def _dvc(lay: Layout, cfg: StackConfig, *args: str) -> subprocess.CompletedProce
 def setup_dvc_remote(lay: Layout, cfg: StackConfig, say: Callable[[str], None]) -> None:
     """Remote `stack` -> s3://<bucket>/dvc on the stack's endpoint, the default for this checkout only
     (.dvc/config.local, never committed)."""
-    if not cfg.dvc:
+    if not cfg.dvc or cfg.dvc_remote_added:
         return
     if not (lay.root / ".dvc").is_dir():
         say(f"  dvc: skipped ({lay.root} is not a DVC repository)")
@@ -728,8 +736,9 @@ def down(root: str | Path = ".", *, stack_dir: str | Path | None = None, purge: 
     for service in ("worker", "prefect", "mlflow"):
         pid = read_pid(lay, service)
         if pid is not None:
+            t0 = time.monotonic()
             stop_group(pid)
-            say(f"  {service}: stopped")
+            say(f"  {service}: stopped ({time.monotonic() - t0:.1f} s)")
         lay.pidfile(service).unlink(missing_ok=True)
     pid = read_pid(lay, "s3")
     if pid is not None:

@@ -25,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -341,6 +342,8 @@ class Service:
         self.keep_dir = Path(keep_dir) if keep_dir else None
         self.max_pixels = int(limits.max_pixels or bundle.pixel_cap or DEFAULT_MAX_PIXELS)
         self.lock = threading.Lock()
+        # Full-resolution pixels are the memory peak (3 bytes x max_pixels per photo): decode a few at a time.
+        self.decode_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._scorer: Scorer | None = None
 
     # ---------------------------------------------------------------- close-ups
@@ -367,8 +370,10 @@ class Service:
         ok, inputs = [], []
         for i, photo in enumerate(photos):
             try:
-                rgb = decode_photo(photo.data, self.limits, self.max_pixels, self.limits.min_side)
-                inputs.append(self.bundle.preprocess(rgb))
+                with self.decode_slots:
+                    rgb = decode_photo(photo.data, self.limits, self.max_pixels, self.limits.min_side)
+                    inputs.append(self.bundle.preprocess(rgb))
+                    del rgb
                 ok.append(i)
             except PhotoError as exc:
                 results[i].error = {"reason": exc.reason, "message": str(exc)}
@@ -408,8 +413,10 @@ class Service:
     def screen(self, name: str, data: bytes, *, annotated: bool = True) -> dict[str, Any]:
         """Lesions of one wide-field photo: boxes, probability, ud_score and ud_rank (1 = most unlike the
         others), ranked; the annotated photo as base64 JPEG when `annotated`. PhotoError for a bad file."""
-        rgb = decode_photo(data, self.limits, self.max_pixels, self.limits.widefield_min_side)
+        with self.decode_slots:
+            rgb = decode_photo(data, self.limits, self.max_pixels, self.limits.widefield_min_side)
         bgr = np.ascontiguousarray(rgb[..., ::-1])
+        del rgb
         boxes = detect_lesions(bgr, DetectConfig())
         dropped = max(0, len(boxes) - self.limits.max_lesions)
         if dropped:
@@ -431,7 +438,7 @@ class Service:
             notes.append(f"{dropped} low-contrast candidates beyond the limit of {self.limits.max_lesions} not scored")
         if not lesions:
             notes.append("no lesion found: the detector looks for spots clearly darker than the surrounding skin")
-        out: dict[str, Any] = {"name": name, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
+        out: dict[str, Any] = {"name": name, "width": int(bgr.shape[1]), "height": int(bgr.shape[0]),
                                "lesions": lesions, "notes": notes}
         self.keep("screen", [(name, data)], out)
         if annotated:
@@ -511,8 +518,10 @@ class ModelOut(BaseModel):
     image_size: int
     tta: int
     members: list[str]
-    max_pixels: int
+    max_pixels: int = Field(..., description="the pixel cap stored with the model")
     operating_point: str
+    limits: dict[str, int] = Field(..., description="what this server accepts: max_files, max_file_bytes, "
+                                                    "max_pixels (enforced), max_request_bytes")
 
 
 class ScoreResponse(BaseModel):
@@ -632,7 +641,9 @@ def create_app(bundle: Bundle, info: ModelInfo | None = None, *, limits: Limits 
     service = Service(bundle, info, limits, keep_dir)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     page = env.get_template("app.html")
-    model_out = {**asdict(info), "operating_point": info.operating_point_text()}
+    model_out = {**asdict(info), "operating_point": info.operating_point_text(),
+                 "limits": {"max_files": limits.max_files, "max_file_bytes": limits.max_file_bytes,
+                            "max_pixels": service.max_pixels, "max_request_bytes": limits.max_request_bytes}}
     csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
            "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from flows import deploy
 from flows.cli import main
 from flows.nightly import Nightly

@@ -210,10 +210,11 @@ def test_dvc_executor_param_change_reruns_only_that_stage_and_downstream(prefect
 
 # --------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_demo_runs_every_stage_of_the_real_project(prefect_harness, tmp_path, capsys):
+def test_demo_runs_every_stage_of_the_real_project(prefect_harness, tmp_path):
     """`lesionflow demo` on a fresh copy of this checkout: every dvc.yaml stage runs through DVC, then the gate."""
     import subprocess
 
+    from flows import demo
     from flows.stages import STAGES
 
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
@@ -224,11 +225,11 @@ def test_demo_runs_every_stage_of_the_real_project(prefect_harness, tmp_path, ca
             (proj / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, proj / f)
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    out = pipeline.demo(proj, executor="dvc")
+    out = demo.demo(proj, executor="dvc")
     assert [r["stage"] for r in out["results"]] == list(STAGES) and all(r["ran"] for r in out["results"])
     assert all((proj / "reports" / s / "metrics.json").exists() for s in STAGES)
     assert json.loads(dvc(proj, "status", "--json")) == {}  # dvc.lock records exactly what the demo made
-    printed = capsys.readouterr().out
+    printed = demo.report(out)
     assert "Where to look" in printed and "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db" in printed
     if "evaluate" in STAGES:  # once the model stages are in dvc.yaml the first model must become champion
         assert out["promotion"]["verdict"] == "first" and out["promotion"]["applied"]

@@ -222,7 +222,8 @@ def test_pixel_cap_refuses_before_decoding(app_bundle: Bundle, monkeypatch: pyte
     assert decoded == []
     (ok,) = score(capped, {"image": b64(closeup_jpeg(9, size=192))})
     assert ok["error"] is None and decoded == [1]
-    assert capped.get("/api/v1/model").json()["max_pixels"] == app_bundle.pixel_cap  # the model's own cap
+    m = capped.get("/api/v1/model").json()
+    assert m["max_pixels"] == app_bundle.pixel_cap and m["limits"]["max_pixels"] == 40_000  # stored vs enforced
     r = capped.get("/")
     assert "40,000 pixels" in r.text
 
