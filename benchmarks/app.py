@@ -186,8 +186,10 @@ def main() -> None:
                 row[f"load_included_{n}"] = json.loads(out.stdout.strip().splitlines()[-1])
             row["warm"] = warm(model, args.repeats, width, height)
             rows.append(row)
+    load = [round(v, 1) for v in os.getloadavg()]  # other work on the machine inflates every number
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                      "photo_size": args.photo_size, "repeats": args.repeats, "rows": rows}, indent=2))
+                      "load_average_1_5_15min": load, "photo_size": args.photo_size, "repeats": args.repeats,
+                      "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -171,10 +171,12 @@ class MlflowRegistry:
         return tracking.current_version(self.model_name, self.root)  # what the last evaluate registered
 
     def score(self, version: str) -> dict[str, Any]:
+        from tasks import tracking  # mlflow: heavy
         from tasks.models.bundle import score_model  # heavy (tensorflow once a model loads)
 
         # same scorer, same params, same data/<stage>/index.parquet test rows for challenger and champion
-        s = score_model(f"models:/{self.model_name}/{version}", load_params(self.params_file), Paths(self.root))
+        bundle = tracking.load_bundle(f"models:/{self.model_name}/{version}", self.root)
+        s = score_model(bundle, load_params(self.params_file), Paths(self.root))
         return {"version": version, **{k: s[k] for k in SCORE_KEYS if k in s}}
 
     def set_champion(self, version: str) -> None:

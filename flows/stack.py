@@ -366,7 +366,7 @@ def _http(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tupl
 
 
 # --------------------------------------------------------------------------- health
-def healthy(service: str, cfg: StackConfig) -> bool:
+def healthy(service: str, cfg: StackConfig, lay: Layout | None = None) -> bool:
     """Does `service` answer on its port (not only: is a process alive)."""
     if service == "postgres":
         return port_open(cfg.ports["postgres"])
@@ -378,9 +378,29 @@ def healthy(service: str, cfg: StackConfig) -> bool:
     if service == "prefect":
         return _http("GET", f"{cfg.url('prefect')}/api/health") == (200, True)
     if service == "worker":
-        status, body = _http("GET", f"{cfg.url('prefect')}/api/work_pools/{cfg.pool}")
-        return status == 200 and isinstance(body, dict) and body.get("status") == "READY"
+        return lay is not None and _worker_heartbeat(lay, cfg)
     raise ValueError(service)
+
+
+def _worker_heartbeat(lay: Layout, cfg: StackConfig) -> bool:
+    """The stack's worker has sent a heartbeat since it started, and within the last 90 s (it beats every 30 s)."""
+    from datetime import datetime
+
+    try:
+        since = max(lay.pidfile("worker").stat().st_mtime, time.time() - 90)
+    except OSError:
+        return False
+    status, body = _http("POST", f"{cfg.url('prefect')}/api/work_pools/{cfg.pool}/workers/filter", {})
+    if status != 200 or not isinstance(body, list):
+        return False
+    for w in body:
+        if w.get("name") == f"{cfg.pool}-worker" and w.get("last_heartbeat_time"):
+            try:
+                if datetime.fromisoformat(w["last_heartbeat_time"]).timestamp() >= since:
+                    return True
+            except ValueError:
+                continue
+    return False
 
 
 def _wait(lay: Layout, cfg: StackConfig, services: Sequence[str], timeout: float,
@@ -390,7 +410,7 @@ def _wait(lay: Layout, cfg: StackConfig, services: Sequence[str], timeout: float
     pending = list(services)
     while pending:
         for s in list(pending):
-            if healthy(s, cfg):
+            if healthy(s, cfg, lay):
                 pending.remove(s)
                 say(f"  {s}: up ({time.monotonic() - t0:.1f} s)")
             elif s != "postgres" and not _spawned_alive(lay, s):
@@ -560,7 +580,8 @@ def load_snapshot(lay: Layout, cfg: StackConfig) -> int:
 # --------------------------------------------------------------------------- the services
 def _base_env(lay: Layout, cfg: StackConfig) -> dict[str, str]:
     """The environment of every service and client: the caller's, minus any other Prefect/MLflow/AWS setup."""
-    drop = ("PREFECT_", "MLFLOW_", "AWS_")
+    drop = ("PREFECT_API_", "PREFECT_HOME", "PREFECT_PROFILE", "PREFECT_SERVER_", "PREFECT_UI_", "MLFLOW_TRACKING_",
+            "MLFLOW_REGISTRY_", "MLFLOW_S3_", "MLFLOW_ARTIFACT", "AWS_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(cfg.client_env())
     bindir = str(Path(sys.executable).parent)
@@ -672,6 +693,16 @@ def remove_dvc_remote(lay: Layout, cfg: StackConfig, say: Callable[[str], None])
 
 
 # --------------------------------------------------------------------------- up / down / status
+def _preflight_ports(lay: Layout, cfg: StackConfig) -> None:
+    """Fail before starting anything when a port of a service that is not ours is taken."""
+    bindir = pg_bindir()
+    for service, port in cfg.ports.items():
+        ours = (_pg_running(lay, cfg, bindir) if bindir else False) if service == "postgres" \
+            else read_pid(lay, service) is not None
+        if not ours:
+            _check_port_free(service, port)
+
+
 def export_lines(cfg: StackConfig) -> list[str]:
     return [f"export {k}={v}" for k, v in cfg.client_env().items()]
 
@@ -699,6 +730,7 @@ def up(root: str | Path = ".", *, stack_dir: str | Path | None = None, ports: di
     if len(set(cfg.ports.values())) != len(cfg.ports):
         raise InputError(f"two services on one port: {cfg.ports}")
     cfg.pg_user = _resolve_pg_user(pg_user or cfg.pg_user)
+    _preflight_ports(lay, cfg)
     _prepare_dir(lay)
     save_config(lay, cfg)
     say(f"stack in {lay.dir}")
@@ -714,7 +746,7 @@ def up(root: str | Path = ".", *, stack_dir: str | Path | None = None, ports: di
     started = [s for s in ("mlflow", "prefect") if _start(lay, cfg, s, say)]
     setup_dvc_remote(lay, cfg, say)  # while the servers boot
     _wait(lay, cfg, ["mlflow", "prefect"], timeout, say)
-    if "prefect" in started or not healthy("worker", cfg):
+    if "prefect" in started or not healthy("worker", cfg, lay):
         _setup_prefect(cfg, lay, gpu_limit, say)
     if cfg.worker:
         _start(lay, cfg, "worker", say)
@@ -780,8 +812,8 @@ def status(root: str | Path = ".", *, stack_dir: str | Path | None = None) -> di
         where = f"{HOST}:{cfg.ports[s]}" if s in cfg.ports else f"pool {cfg.pool}"
         if s == "worker" and not cfg.worker:
             where = "disabled (--no-worker)"
-        out["services"][s] = {"running": running, "healthy": running and healthy(s, cfg), "where": where, "pid": pid,
-                              "log": str(lay.log(s))}
+        out["services"][s] = {"running": running, "healthy": running and healthy(s, cfg, lay), "where": where,
+                              "pid": pid, "log": str(lay.log(s))}
     out["dvc_remote"] = f"{DVC_REMOTE} -> s3://{cfg.bucket}/dvc" if cfg.dvc_remote_added else None
     out["env"] = {k: v for k, v in cfg.client_env().items() if "SECRET" not in k}
     return out

@@ -467,3 +467,10 @@ def serve(model_uri: str, root: Path | str, host: str = "127.0.0.1", port: int =
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
            "-h", host, "-p", str(port)]
     return subprocess.call(cmd, env=env)
+
+
+def load_bundle(model: str | Path, root: Path | str | None = None) -> Any:
+    """The scoring bundle for a path or an MLflow URI (runs:/, models:/): URIs are downloaded through mlflow."""
+    from tasks.models.bundle import load_bundle as load
+
+    return load(model, Path(root) if root is not None else None, download=download_model)

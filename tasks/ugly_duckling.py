@@ -26,7 +26,7 @@ import pandas as pd
 from tasks.core.errors import InputError
 from tasks.core.io import Paths, atomic_path, progress, read_index, write_index, write_json, write_table
 from tasks.core.outliers import l2_normalise, loo_centroid_scores, rank_desc
-from tasks.models.bundle import Scorer, load_bundle
+from tasks.models.bundle import Scorer, is_uri, load_bundle
 from tasks.models.inputs import read_image
 
 STAGE = "ugly_duckling"
@@ -270,7 +270,12 @@ def run(params: Any, paths: Paths, *, bundle: Any = None) -> dict:
             clean = clean.merge(pre[cols], on=["source", "isic_id"], how="left", suffixes=("", "_pre"))
     # else: no preprocess index, raw files go through the bundle's preprocessing
     rows = select_patients(clean, cfg.min_lesions, cfg.max_patients, cfg.seed)
-    bundle = bundle or load_bundle(cfg.model if cfg.model else paths.models, paths.root)
+    ref = cfg.model if cfg.model else paths.models
+    if bundle is None and is_uri(ref):
+        from tasks import tracking  # a registered model: downloaded through mlflow
+
+        bundle = tracking.load_bundle(ref, paths.root)
+    bundle = bundle or load_bundle(ref, paths.root)
     scorer = Scorer(bundle)
     batch, ok, errors = load_images(rows, paths, scorer)
     rows = rows.iloc[ok].reset_index(drop=True)

@@ -15,7 +15,8 @@ import pandas as pd
 
 from tasks.core.errors import InputError
 from tasks.core.io import write_table
-from tasks.models.bundle import Bundle, is_uri, load_bundle
+from tasks.models.bundle import Bundle, is_uri
+from tasks.tracking import load_bundle  # paths and MLflow URIs alike
 
 __all__ = ["Bundle", "collect_inputs", "is_uri", "load_bundle", "predict", "predict_files"]
 

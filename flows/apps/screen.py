@@ -30,7 +30,8 @@ from tasks.core.errors import InputError, RunError
 from tasks.core.io import write_bytes, write_table
 from tasks.core.outliers import ud_scores
 from tasks.fake.widefield import load_truth, render_widefield, synth_widefield
-from tasks.models.bundle import DEFAULT_MAX_PIXELS, Bundle, Scorer, decode_limited, is_uri, load_bundle
+from tasks.models.bundle import DEFAULT_MAX_PIXELS, Bundle, Scorer, decode_limited, is_uri
+from tasks.tracking import load_bundle  # paths and MLflow URIs alike
 
 __all__ = ["load_truth", "render_widefield", "synth_widefield"]  # the synthetic photos' home: tasks.fake.widefield
 

@@ -229,18 +229,17 @@ def is_uri(model: str | Path) -> bool:
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(model))) and not Path(str(model)).exists()
 
 
-def _download(uri: str, root: Path) -> str:
-    # tasks/tracking.py is the only mlflow importer; it is imported only when a URI is given.
-    from tasks import tracking
-
-    return tracking.download_model(uri, root)
-
-
 def load_bundle(model: str | Path, root: Path | None = None, *,
                 download: Callable[[str, Path], str] | None = None) -> Bundle:
-    """A Bundle from a path (models/ folder, .keras file, MLflow model folder) or an MLflow URI."""
+    """A Bundle from a path (models/ folder, .keras file, MLflow model folder) or an MLflow URI.
+
+    URIs need `download` (models sit below tracking and never import mlflow): call
+    `tasks.tracking.load_bundle`, which passes MLflow's downloader.
+    """
     if is_uri(model):
-        local = Path((download or _download)(str(model), Path(root or Path.cwd())))
+        if download is None:
+            raise InputError(f"{model}: an MLflow URI; load it through tasks.tracking.load_bundle")
+        local = Path(download(str(model), Path(root or Path.cwd())))
         found = find_model_files(local)
         if found is None:
             raise ModelNotFoundError(f"{model}: downloaded to {local} but no classifier.keras inside; was it "

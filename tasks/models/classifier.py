@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.core.errors import InputError
+
 if TYPE_CHECKING:  # annotations only; keras (and TF) load on first use
     import keras
 
@@ -134,12 +136,12 @@ def weights_filename(arch: str, alpha: float = 1.0, size: int = 224) -> str:
     if arch == "mobilenet":
         alpha_text = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}.get(float(alpha))
         if alpha_text is None or size not in (128, 160, 192, 224):
-            raise ValueError("MobileNet ImageNet weights exist for alpha 0.25/0.5/0.75/1.0 and size "
+            raise InputError("MobileNet ImageNet weights exist for alpha 0.25/0.5/0.75/1.0 and size "
                              "128/160/192/224 (set the member's input_size)")
         return f"mobilenet_{alpha_text}_{size}_tf_no_top.h5"
     if arch == "mobilenet_v2":
         if size not in (96, 128, 160, 192, 224):
-            raise ValueError("MobileNetV2 ImageNet weights exist for sizes 96/128/160/192/224 (set input_size)")
+            raise InputError("MobileNetV2 ImageNet weights exist for sizes 96/128/160/192/224 (set input_size)")
         return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{size}_no_top.h5"
     if arch == "mobilenet_v3_small":
         return f"weights_mobilenet_v3_small_224_{float(alpha)}_float_no_top_v2.h5"
@@ -148,7 +150,7 @@ def weights_filename(arch: str, alpha: float = 1.0, size: int = 224) -> str:
     if arch in ("densenet121", "vgg16", "xception"):
         stem = {"densenet121": "densenet121", "vgg16": "vgg16", "xception": "xception"}[arch]
         return f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    raise ValueError(f"{arch!r} has no ImageNet weights (archs with weights: {', '.join(BACKBONES)})")
+    raise InputError(f"{arch!r} has no ImageNet weights (archs with weights: {', '.join(BACKBONES)})")
 
 
 def ensure_weights(filename: str, shared_dir: Path | None = None) -> Path | None:
@@ -230,9 +232,9 @@ def build_transfer(arch: str, image_size: int, *, input_size: int | None = None,
     import keras
 
     if arch not in BACKBONES:
-        raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise InputError(f"unknown backbone {arch!r}; choose one of {', '.join(ARCHS)}")
     if weights not in ("imagenet", "none"):
-        raise ValueError(f"weights must be 'imagenet' or 'none', got {weights!r}")
+        raise InputError(f"weights must be 'imagenet' or 'none', got {weights!r}")
     ctor_name, mode = BACKBONES[arch]
     size = input_size or image_size
     if weights == "imagenet":  # keras is imported above, so keras_home() is the dir Keras will search
@@ -266,7 +268,7 @@ def build_member(arch: str, image_size: int, *, input_size: int | None = None, w
     """Dispatch on `arch`: small_cnn, or a keras.applications backbone."""
     if arch == "small_cnn":
         if weights != "none":
-            raise ValueError("small_cnn has no pretrained weights; use weights: none")
+            raise InputError("small_cnn has no pretrained weights; use weights: none")
         return build_small_cnn(image_size, input_size=input_size, dropout=dropout, metadata_dim=metadata_dim,
                                name=name, seed=seed)
     return build_transfer(arch, image_size, input_size=input_size, weights=weights, alpha=alpha, dropout=dropout,

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.errors import InputError
+
 # Weight init of the paper (N(0, 0.02)); instance norm = GroupNormalization with one group per channel.
 INIT_STDDEV = 0.02
 GENERATOR_FILE = "generator_b2m.keras"  # models/cyclegan/<this>: written by cyclegan, read by upsample
@@ -120,7 +122,7 @@ def build_generator(image_size: int, base_filters: int = 64, n_res_blocks: int =
     from keras import layers
 
     if image_size % 4:
-        raise ValueError(f"generator image_size must be divisible by 4 (two stride-2 downsamples), got {image_size}")
+        raise InputError(f"generator image_size must be divisible by 4 (two stride-2 downsamples), got {image_size}")
     pad = _reflection_pad_cls()
     f = base_filters
     inp = keras.Input((image_size, image_size, 3), name=f"{name}_image")
@@ -159,7 +161,7 @@ def build_discriminator(image_size: int, base_filters: int = 64, n_downsamples: 
 
     n = patchgan_downsamples(image_size) if n_downsamples is None else n_downsamples
     if n < 1 or image_size // 2**n < 1:
-        raise ValueError(f"discriminator: {n} downsamples do not fit a {image_size} px image")
+        raise InputError(f"discriminator: {n} downsamples do not fit a {image_size} px image")
     f = base_filters
     inp = keras.Input((image_size, image_size, 3), name=f"{name}_image")
     x = inp

@@ -46,3 +46,21 @@ def test_generator_saved_twice_is_byte_identical(tmp_path: Path) -> None:
     save_keras(gen, tmp_path / "b" / GENERATOR_FILE)
     assert _sha(tmp_path / "a" / GENERATOR_FILE) == _sha(tmp_path / "b" / GENERATOR_FILE)
     assert load_generator(tmp_path / "a" / GENERATOR_FILE).output_shape == (None, 16, 16, 3)
+
+
+def test_two_builds_with_equal_weights_save_to_equal_bytes(tmp_path: Path) -> None:
+    """config.json carries Python object ids (`shared_object_id`); they are renumbered, so a second model object
+    with the same weights (a forced rerun) writes the same file."""
+    import keras
+
+    from tasks.models.classifier import build_small_cnn
+    from tasks.models.saving import renumber_shared_objects
+
+    files = []
+    for name in ("a", "b"):
+        keras.utils.set_random_seed(0)
+        model = build_small_cnn(32, filters=(4, 8), name="m0")
+        files.append(save_keras(model, tmp_path / f"{name}.keras"))
+    assert _sha(files[0]) == _sha(files[1])
+    got = renumber_shared_objects({"x": [{"shared_object_id": 99}, {"shared_object_id": 7}, {"shared_object_id": 99}]})
+    assert got == {"x": [{"shared_object_id": 1}, {"shared_object_id": 2}, {"shared_object_id": 1}]}
