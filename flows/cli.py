@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     s.set_defaults(func=cmd_serve)
+
+    from flows import stack  # light: no prefect/mlflow/boto3 at import
+
+    stack.add_parser(sub)  # `stack up|down|status|env`: shared services for a team trial (docs/scaling.md)
     return p
 
 

@@ -6,7 +6,9 @@ The sequence (every step logged in Prefect; every verdict in MLflow tags and rep
    when nothing is;
 2. `dvc status`: nothing stale (no new images, code or params) -> log `noop` and stop, no retraining;
 3. otherwise reproduce the whole pipeline (DVC skips what is still up to date);
-4. score the challenger and the current champion on the same frozen test split (flows.promotion);
+3b. the drift report (flows/drift.py): the new data vs the data the champion was trained on;
+4. score the challenger and the current champion on the same frozen test split (flows.promotion); a drifted
+   night is held (verdict `drift-hold`) unless nightly.yaml `drift.allow_drifted_promotion` is true;
 5. optionally `dvc push` and `git commit dvc.lock`; only then move the `champion` alias.
 Any failure: the alias is never touched (it moves last), the workspace is restored to what dvc.lock
 records (`dvc checkout --force`), a `failed` line with the reason goes to the promotion log, and the flow
@@ -26,6 +28,7 @@ import yaml
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flows import drift as drift_step
 from flows import promotion
 from flows import stages as registry
 from flows.pipeline import PipelineError, pipeline_flow, plan, subprocess_env
@@ -54,6 +57,7 @@ class Nightly(BaseModel):
     push_remote: bool = False  # `dvc push` the reproduced data before promoting (needs a DVC remote)
     remote: str | None = None  # DVC remote name; None = the default remote
     commit_lock: bool = False  # `git commit dvc.lock` after a reproduction (the record of what the model saw)
+    drift: drift_step.DriftConfig = Field(default_factory=drift_step.DriftConfig)  # the drift report + gate
 
     @field_validator("timezone")
     @classmethod
@@ -208,7 +212,11 @@ def nightly_flow(root: str = ".", config: str = NIGHTLY_FILE, params: str = "par
             results = pipeline_flow(str(root_p), params, "dvc", network_retries=cfg.network_retries,
                                     retry_delay_seconds=cfg.retry_delay_seconds)
             logger.info("reproduced: %s", [r["stage"] for r in results if r["ran"]])
+        drift = drift_step.safe_drift_check(root_p, cfg.drift, cfg.model_name, reg.champion())
+        for line in drift_step.report_lines(drift):
+            logger.info(line)
         rec = {**base, **promotion.judge(reg, cfg, root_p), "stale": sorted(stale)}
+        rec = promotion.drift_gate(rec, drift, cfg.drift.allow_drifted_promotion)
         logger.info("verdict %s: %s", rec["verdict"], "; ".join(rec["reasons"]))
         if cfg.push_remote:
             dvc_push(root_p, cfg.remote)

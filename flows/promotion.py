@@ -269,3 +269,31 @@ def promote_now(root: Path, cfg: GateConfig, params_file: Path, version: str | N
         rec = judge(reg, cfg, root, version)
     rec["trigger"] = trigger
     return apply(reg, cfg, rec, root)
+
+
+# --------------------------------------------------------------------------- the drift gate (flows/drift.py reports)
+DRIFT_HOLD = "drift-hold"
+
+
+def drift_gate(rec: Mapping[str, Any], drift: Mapping[str, Any] | None, allow_drifted: bool) -> dict[str, Any]:
+    """Put the night's drift summary into the decision record; a drifted night that would promote is held
+    (verdict `drift-hold`, alias unmoved) unless nightly.yaml allows drifted promotion. Pure."""
+    out = dict(rec)
+    if drift is None:
+        return out
+    out["drift"] = {**dict(drift), "allowed": bool(allow_drifted)}
+    if not drift.get("drifted"):
+        return out
+    what = "; ".join(drift.get("reasons") or []) or "new data differ from the champion's"
+    if not out.get("promote"):
+        out["reasons"] = [*out.get("reasons", []), f"data drift: {what}"]
+    elif allow_drifted:
+        out["reasons"] = [*out.get("reasons", []),
+                          f"data drift ({what}); promoted anyway: nightly.yaml drift.allow_drifted_promotion is true"]
+    else:
+        out.update(promote=False, verdict=DRIFT_HOLD, would_be=rec.get("verdict"))
+        out["reasons"] = [*out.get("reasons", []),
+                          f"held by data drift: {what}; nightly.yaml drift.allow_drifted_promotion is false. Review "
+                          f"{drift.get('report', 'the drift report')}, then `lesionflow promote --version "
+                          f"{(rec.get('challenger') or {}).get('version')} --force` to promote it by hand"]
+    return out

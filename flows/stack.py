@@ -414,11 +414,12 @@ def _wait(lay: Layout, cfg: StackConfig, services: Sequence[str], timeout: float
                 pending.remove(s)
                 say(f"  {s}: up ({time.monotonic() - t0:.1f} s)")
             elif s != "postgres" and not _spawned_alive(lay, s):
-                raise StackError(f"{s} exited during start-up; see {lay.log(s)}:\n{_tail(lay.log(s))}")
+                raise StackError(f"{s} exited during start-up; see {lay.log(s)} (`lesionflow stack down` stops what "
+                                 f"did start):\n{_tail(lay.log(s))}")
         if pending and time.monotonic() - t0 > timeout:
             s = pending[0]
-            raise StackError(f"{s} not answering after {timeout:.0f} s; see {lay.log(s)} "
-                             f"(or raise --timeout):\n{_tail(lay.log(s))}")
+            raise StackError(f"{s} not answering after {timeout:.0f} s; see {lay.log(s)} (raise --timeout, or "
+                             f"`lesionflow stack down` to stop what did start):\n{_tail(lay.log(s))}")
         if pending:
             time.sleep(0.5)
 
@@ -437,8 +438,8 @@ def _pg_run(cfg: StackConfig, args: list[str], lay: Layout, what: str, timeout: 
     return res.stdout
 
 
-def _pg_running(lay: Layout, cfg: StackConfig, bindir: Path) -> bool:
-    if not (lay.pgdata / "PG_VERSION").exists():
+def _pg_running(lay: Layout, cfg: StackConfig, bindir: Path | None) -> bool:
+    if bindir is None or not (lay.pgdata / "PG_VERSION").exists():
         return False
     res = subprocess.run([*_pg_user_prefix(cfg), str(bindir / "pg_ctl"), "-D", str(lay.pgdata), "status"],
                          cwd=lay.dir, env=_pg_env(), capture_output=True, text=True)
@@ -511,7 +512,7 @@ def start_postgres(lay: Layout, cfg: StackConfig, say: Callable[[str], None]) ->
 
 def stop_postgres(lay: Layout, cfg: StackConfig, say: Callable[[str], None]) -> None:
     bindir = pg_bindir()
-    if bindir is None or not _pg_running(lay, cfg, bindir):
+    if not _pg_running(lay, cfg, bindir):
         return
     _pg_run(cfg, [str(bindir / "pg_ctl"), "-D", str(lay.pgdata), "-m", "fast", "-w", "-t", "60", "stop"],
             lay, "pg_ctl stop")
@@ -595,8 +596,8 @@ def _commands(lay: Layout, cfg: StackConfig) -> dict[str, list[str]]:
     py, p = sys.executable, {k: str(v) for k, v in cfg.ports.items()}
     return {
         "s3": [py, "-m", "moto.server", "-H", HOST, "-p", p["s3"]],
+        # The backend store URI (it holds the database password) goes in the environment, not the command line.
         "mlflow": [py, "-m", "mlflow", "server", "--host", HOST, "--port", p["mlflow"],
-                   "--backend-store-uri", cfg.db_url("mlflow"),
                    "--artifacts-destination", f"s3://{cfg.bucket}/mlflow", "--workers", "1"],
         "prefect": [py, "-m", "prefect", "server", "start", "--host", HOST, "--port", p["prefect"]],
         "worker": [py, "-m", "prefect", "worker", "start", "--pool", cfg.pool, "--type", "process",
@@ -606,6 +607,8 @@ def _commands(lay: Layout, cfg: StackConfig) -> dict[str, list[str]]:
 
 def _service_env(lay: Layout, cfg: StackConfig, service: str) -> dict[str, str]:
     env = _base_env(lay, cfg)
+    if service == "mlflow":
+        env["MLFLOW_BACKEND_STORE_URI"] = cfg.db_url("mlflow")
     if service == "prefect":
         env.update(PREFECT_API_DATABASE_CONNECTION_URL=cfg.db_url("prefect", "postgresql+asyncpg"),
                    PREFECT_SERVER_API_HOST=HOST, PREFECT_SERVER_API_PORT=str(cfg.ports["prefect"]))
@@ -697,8 +700,7 @@ def _preflight_ports(lay: Layout, cfg: StackConfig) -> None:
     """Fail before starting anything when a port of a service that is not ours is taken."""
     bindir = pg_bindir()
     for service, port in cfg.ports.items():
-        ours = (_pg_running(lay, cfg, bindir) if bindir else False) if service == "postgres" \
-            else read_pid(lay, service) is not None
+        ours = _pg_running(lay, cfg, bindir) if service == "postgres" else read_pid(lay, service) is not None
         if not ours:
             _check_port_free(service, port)
 
@@ -724,8 +726,11 @@ def up(root: str | Path = ".", *, stack_dir: str | Path | None = None, ports: di
     for k, v in changed.items():
         if not 1 <= v <= 65535:
             raise InputError(f"--{k}-port {v}: not a TCP port")
-        if not fresh and (read_pid(lay, k) if k != "postgres" else port_open(cfg.ports[k])):
+        running = _pg_running(lay, cfg, pg_bindir()) if k == "postgres" else read_pid(lay, k) is not None
+        if not fresh and running:
             raise InputError(f"{k} runs on port {cfg.ports[k]}; `lesionflow stack down` before changing its port")
+    if gpu_limit < 1:
+        raise InputError(f"--gpu-limit {gpu_limit}: must be at least 1")
     cfg.ports.update(changed)
     if len(set(cfg.ports.values())) != len(cfg.ports):
         raise InputError(f"two services on one port: {cfg.ports}")
@@ -804,7 +809,7 @@ def status(root: str | Path = ".", *, stack_dir: str | Path | None = None) -> di
         if s == "postgres":
             pid_s = (lay.pgdata / "postmaster.pid").read_text().split("\n", 1)[0] \
                 if (lay.pgdata / "postmaster.pid").exists() else ""
-            running = bindir is not None and _pg_running(lay, cfg, bindir)
+            running = _pg_running(lay, cfg, bindir)
             pid = int(pid_s) if running and pid_s.isdigit() else None
         else:
             pid = read_pid(lay, s)

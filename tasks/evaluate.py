@@ -8,7 +8,8 @@ from models/classifier.json (this stage reads only its own [evaluate] params).
 
 Outputs: reports/evaluate/metrics.json (DVC metrics), subgroups.csv, predictions.csv, roc.csv, pr.csv,
 calibration.csv, thresholds.csv, confusion.csv (DVC plots) and PNGs (roc, pr, confusion, calibration,
-thresholds, mistakes, gradcam); reports/evaluate/mlflow.json names the MLflow run and registered version.
+thresholds, mistakes, gradcam); reports/evaluate/mlflow.json names the MLflow run and registered version. The
+model card (tasks/core/card.py) goes to the MLflow run (model_card.md) and the version's description.
 """
 
 from __future__ import annotations
@@ -174,6 +175,35 @@ def _gradcam_figure(model: Any, images: np.ndarray, meta: np.ndarray | None, tit
                         overlays=list(cams))
 
 
+CARD_ROW_COLUMNS = ("source", "isic_id", "split", "target", "age_approx", "sex", "anatom_site_1",
+                    "anatom_site_general", "source_dataset", "path", "synthetic", "augmented_from")
+
+
+def attach_card(cfg: Evaluate, paths: Paths, info: dict[str, Any], *, metrics: dict[str, Any], table: pd.DataFrame,
+                calib: pd.DataFrame, config: dict[str, Any], index: pd.DataFrame, p: np.ndarray, y: np.ndarray,
+                threshold: float) -> None:
+    """The model card of this run (and of the version it registered): built here from what evaluate has,
+    logged by tracking (model_card.md, the registry description, and the data rows the drift report compares
+    new data with)."""
+    from tasks import tracking
+    from tasks.core.card import build_card, card_description, card_inputs, operating_point_ci
+    from tasks.core.lineage import dvc_hash, git_state
+
+    digest, digest_source = dvc_hash(paths.root, f"data/{INPUT_STAGE}")
+    inputs = card_inputs(
+        model_name=cfg.model_name, version=info.get("version"), run_id=info["run_id"], metrics=metrics,
+        subgroups=table, model_config=config, index=index, calibration=calib,
+        op_ci=operating_point_ci(p, y, threshold, n_bootstrap=cfg.bootstrap, ci=cfg.ci, seed=cfg.seed),
+        lineage={"data_hash": digest, "data_hash_source": digest_source, "data_out": f"data/{INPUT_STAGE}",
+                 **git_state(paths.root)},
+        created=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    card = build_card(inputs)
+    rows = index[[c for c in CARD_ROW_COLUMNS if c in index]]
+    tracking.log_card(info["run_id"], card, paths.root, inputs=inputs, rows=rows,
+                      name=info.get("registered_model"), version=info.get("version"),
+                      description=card_description(card, info["run_id"]))
+
+
 def run(params: Any, paths: Paths) -> dict:
     """Score models/classifier.keras on the test split, write reports and plots, log + register in MLflow."""
     from tasks.models.inputs import load_config
@@ -252,5 +282,7 @@ def run(params: Any, paths: Paths) -> dict:
                                        model_dir=paths.models, input_stage=INPUT_STAGE)
         write_json(out / "mlflow.json", info)
         summary["mlflow"] = info
+        attach_card(cfg, paths, info, metrics=metrics, table=table, calib=calib, config=config, index=index,
+                    p=p, y=y, threshold=threshold)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary

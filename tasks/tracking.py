@@ -474,3 +474,153 @@ def load_bundle(model: str | Path, root: Path | str | None = None) -> Any:
     from tasks.models.bundle import load_bundle as load
 
     return load(model, Path(root) if root is not None else None, download=download_model)
+
+
+# --------------------------------------------------------------------------- model cards (tasks/core/card.py renders)
+CARD_ARTIFACT = "model_card.md"
+CARD_DATA_ARTIFACT = "model_card/card.json"
+DATA_ROWS_ARTIFACT = "model_card/data_rows.parquet"  # the rows (metadata only) a model was made from: drift's reference
+
+
+def set_version_description(name: str, version: str | int, description: str, root: Path | str | None = None) -> None:
+    """The registry version's description (what the MLflow UI shows on the version page)."""
+    client(root).update_model_version(name, str(version), description=description)
+
+
+def log_card(run_id: str, card: str, root: Path | str, *, inputs: Mapping[str, Any] | None = None,
+             rows: pd.DataFrame | None = None, name: str | None = None, version: str | int | None = None,
+             description: str | None = None) -> None:
+    """Attach a model card to a (finished) run: `model_card.md`, its inputs as JSON and the model's data rows;
+    with name + version also the registry version's description (`description`, default the card)."""
+    import tempfile
+
+    c = client(root)
+    c.log_text(run_id, card, CARD_ARTIFACT)
+    if inputs is not None:
+        c.log_dict(run_id, dict(inputs), CARD_DATA_ARTIFACT)
+    if rows is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(DATA_ROWS_ARTIFACT).name
+            rows.reset_index(drop=True).to_parquet(path, index=False)
+            c.log_artifact(run_id, str(path), str(Path(DATA_ROWS_ARTIFACT).parent))
+    if name and version is not None:
+        set_version_description(name, version, description if description is not None else card, root)
+
+
+def resolve_model_uri(uri: str, root: Path | str | None = None) -> dict[str, Any]:
+    """models:/name@alias, models:/name/version or runs:/ID[/path] -> {run_id, name, version} (name/version None
+    for runs:/). Raises LookupError naming the URI when it does not resolve."""
+    c = client(root)
+    m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))/?$", uri)
+    try:
+        if m:
+            name, alias, version = m.groups()
+            mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+            return {"run_id": mv.run_id, "name": name, "version": str(mv.version),
+                    "description": mv.description or ""}
+        r = re.match(r"^runs:/([0-9a-fA-F]+)(?:/.*)?$", uri)
+        if r:
+            c.get_run(r.group(1))
+            return {"run_id": r.group(1), "name": None, "version": None, "description": ""}
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"{uri}: not found in {tracking_uri(root or Path.cwd())} ({exc.error_code})") from None
+    raise LookupError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID")
+
+
+def read_run_artifact(run_id: str, path: str, root: Path | str | None = None) -> Path | None:
+    """A local copy of one artifact of a run, or None when the run has no such artifact."""
+    client(root)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
+def read_card(uri: str, root: Path | str | None = None) -> str:
+    """The model card of a models:/ or runs:/ URI: the run's `model_card.md`, else the version's description.
+    Raises LookupError when the URI resolves but carries no card."""
+    info = resolve_model_uri(uri, root)
+    local = read_run_artifact(info["run_id"], CARD_ARTIFACT, root)
+    if local is not None and local.is_file():
+        return local.read_text()
+    if info["description"]:
+        return info["description"]
+    raise LookupError(f"{uri}: run {info['run_id']} has no {CARD_ARTIFACT} (registered before model cards; "
+                      "re-run `lesionflow stage evaluate`)")
+
+
+# --------------------------------------------------------------------------- searches (flows/tune.py)
+@contextlib.contextmanager
+def start_parent_run(root: Path | str, run_name: str, *, experiment: str = EXPERIMENT,
+                     tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """The parent run of a search: `run_id` reopened when it still exists (a resumed study keeps one parent, so
+    all its trials sit under it in the UI), else a new run (tagged like start_run)."""
+    exp_id = configure(root, experiment)
+    if run_id:
+        try:
+            old = mlflow.MlflowClient().get_run(run_id)
+            reopen = old.info.lifecycle_stage == "active" and old.info.experiment_id == exp_id
+        except mlflow.exceptions.MlflowException:
+            reopen = False
+        if reopen:
+            with mlflow.start_run(run_id=run_id) as run:
+                if tags:
+                    mlflow.set_tags(dict(tags))
+                yield run
+            return
+    with start_run(root, run_name=run_name, experiment=experiment, tags=dict(tags or {})) as run:
+        yield run
+
+
+def log_active(*, params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+               step: int | None = None, tags: Mapping[str, Any] | None = None, artifacts: Iterable[Path | str] = (),
+               artifact_path: str | None = None) -> None:
+    """Params (text, clipped to MLflow's limit), numeric metrics (nested keys dotted), tags and files on the
+    active run."""
+    if params:
+        items = sorted((k, "null" if v is None else str(v)[:PARAM_MAX]) for k, v in params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+    flat = numeric(flatten(dict(metrics or {})))
+    if flat:
+        mlflow.log_metrics(flat, step=step)
+    if tags:
+        mlflow.set_tags({k: _tag(v) for k, v in tags.items()})
+    for path in artifacts:
+        if Path(path).exists():
+            mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_child_run(parent_run_id: str, run_name: str, *, sections: Mapping[str, Any],
+                  metrics: Mapping[str, Any] | None = None, steps: Iterable[tuple[int, Mapping[str, float]]] = (),
+                  artifacts: Iterable[Path | str] = (), tags: Mapping[str, Any] | None = None,
+                  extra_params: Mapping[str, Any] | None = None, status: str = "FINISHED") -> str:
+    """One child run under the active parent (`mlflow.parentRunId`): params named `<section>.<key>` like a
+    stage run's, so the UI's compare view lines trials up key by key; metrics, per-step metrics, files under
+    `reports/`; ended with `status` (FINISHED, FAILED or KILLED). Returns its run id."""
+    active = mlflow.active_run()
+    exp_id = (active.info.experiment_id if active is not None
+              else mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id)
+    run = mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id, experiment_id=exp_id,
+                           tags={k: _tag(v) for k, v in (tags or {}).items()})
+    try:
+        log_active(params={**section_params(sections), **dict(extra_params or {})}, metrics=metrics,
+                   artifacts=artifacts, artifact_path="reports")
+        for step, values in steps:
+            vals = numeric(dict(values))
+            if vals:
+                mlflow.log_metrics(vals, step=int(step))
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status=status)
+    return run.info.run_id
+
+
+def child_runs(parent_run_id: str, root: Path | str | None = None) -> list[Any]:
+    """The child runs of a parent run (oldest first)."""
+    c = client(root)
+    parent = c.get_run(parent_run_id)
+    return list(reversed(c.search_runs([parent.info.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                       max_results=5000)))

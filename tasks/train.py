@@ -1,8 +1,9 @@
 """train stage: ensemble of Keras classifiers on the processed images, stacked on val, with an operating point.
 
 Pure helpers first (row selection, metadata encoding, class weights, stacking), then the tf.data input
-pipeline and the runtime setup (determinism on CPU; mixed precision / MirroredStrategy on GPU), then the
-per-member two-phase fit, and last the thin `run()` that writes
+pipeline and the runtime setup (determinism on CPU; mixed precision / MirroredStrategy on GPU;
+MultiWorkerMirroredStrategy when TF_CONFIG describes a cluster of training processes, docs/distributed.md), then
+the per-member two-phase fit, and last the thin `run()` that writes (on a cluster: only the chief writes)
 
 - models/classifier.keras   one Keras model: members -> logistic-regression stacker -> probability
 - models/classifier.json    everything needed to use it: preprocessing config, image size, metadata
@@ -21,6 +22,7 @@ first import for bit-identical CPU reruns, and `run()` sets it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -148,10 +150,57 @@ class Runtime:
     gpus: int
     mixed_precision: bool
     deterministic: bool
+    workers: int = 1  # training processes in the TF_CONFIG cluster (1: the single-process default)
+    chief: bool = True  # this process writes the outputs (on a cluster only the chief does)
+    task: str = ""  # "chief:0", "worker:1", ... on a cluster
+
+
+@dataclass(frozen=True)
+class ClusterTask:
+    """This process's place in a multi-worker TF_CONFIG cluster."""
+
+    workers: int
+    chief: bool
+    task: str
+
+
+def cluster_task(env: Any = None) -> ClusterTask | None:
+    """Parse TF_CONFIG (the standard tf.distribute cluster spec); None when unset or when it lists one process.
+
+    Chief = the `chief` task, or `worker` 0 when the cluster has no chief (TensorFlow's convention)."""
+    raw = (os.environ if env is None else env).get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"TF_CONFIG is not valid JSON ({exc}); expected "
+                         '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}') from exc
+    cluster = conf.get("cluster") if isinstance(conf, dict) else None
+    task = conf.get("task") if isinstance(conf, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise InputError('TF_CONFIG needs a "cluster" mapping and a "task" mapping (type, index)')
+    unsupported = sorted(set(cluster) - {"chief", "worker"})
+    if unsupported:
+        raise InputError(f"TF_CONFIG cluster has {unsupported}: train runs MultiWorkerMirroredStrategy, which takes "
+                         "only `chief` and `worker` tasks (no parameter servers or evaluators)")
+    sizes = {k: v for k, v in cluster.items() if isinstance(v, list) and all(isinstance(a, str) for a in v)}
+    if len(sizes) != len(cluster) or len(cluster.get("chief", [])) > 1:
+        raise InputError("TF_CONFIG cluster: each task type needs a list of 'host:port' strings, and at most one chief")
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        raise InputError(f"TF_CONFIG task {task} is not in its cluster {sorted(cluster)}")
+    n = sum(len(v) for v in cluster.values())
+    if n <= 1:
+        return None
+    chief = kind == "chief" or (kind == "worker" and index == 0 and not cluster.get("chief"))
+    return ClusterTask(workers=n, chief=chief, task=f"{kind}:{index}")
 
 
 def configure_runtime(cfg: Train) -> Runtime:
-    """Determinism on CPU; on GPU mixed precision, and MirroredStrategy when there are several GPUs."""
+    """Determinism on CPU; on GPU mixed precision, and MirroredStrategy when there are several GPUs;
+    MultiWorkerMirroredStrategy (NCCL between GPUs, ring on CPUs) when TF_CONFIG lists several processes."""
+    cluster = cluster_task()
     if cfg.deterministic:
         if "tensorflow" in sys.modules and os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
             log("warning: TensorFlow was imported before TF_ENABLE_ONEDNN_OPTS=0 was set; oneDNN may make "
@@ -175,8 +224,48 @@ def configure_runtime(cfg: Train) -> Runtime:
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy("mixed_float16" if gpus else "float32")  # fp16 is 2.4x slower on CPU
+    if cluster is not None:
+        comm = tf.distribute.experimental.CommunicationImplementation
+        options = tf.distribute.experimental.CommunicationOptions(implementation=comm.NCCL if gpus else comm.RING)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        log(f"multi-worker: {cluster.task} of {cluster.workers} processes, "
+            f"{strategy.num_replicas_in_sync} replicas in sync{' (chief)' if cluster.chief else ''}")
+        return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=bool(gpus),
+                       deterministic=cfg.deterministic, workers=cluster.workers, chief=cluster.chief,
+                       task=cluster.task)
     strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=bool(gpus), deterministic=cfg.deterministic)
+
+
+def _sync_batch_norm(model: Any, on: bool) -> None:
+    """Batch statistics over the global batch (all replicas), as one process would compute them; switched off
+    again before the model leaves training, so the saved config is the single-process one."""
+    import keras
+
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = on
+
+
+def _local_copy(model: Any) -> Any:
+    """The trained model outside the multi-worker strategy: same config and weights, plain variables, so
+    prediction, stacking and saving run locally (no collective ops) on every process."""
+    import keras
+
+    _sync_batch_norm(model, False)
+    local = keras.models.clone_model(model)
+    local.set_weights(model.get_weights())
+    return local
+
+
+def _shard_by_data(ds: Any) -> Any:
+    """Every worker runs the same seeded pipeline and keeps its slice of each global batch (the files are a
+    list, not file shards): the union of the replicas' batches is exactly the single-process batch."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
 
 
 # --------------------------------------------------------------------------- one member
@@ -237,6 +326,8 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
         model = build_member(spec.arch, data.size, input_size=spec.input_size, weights=spec.weights,
                              alpha=spec.alpha, dropout=cfg.dropout, metadata_dim=meta_dim if spec.metadata else 0,
                              name=spec.name, seed=seed, download=cfg.download_weights)
+        if runtime.workers > 1:
+            _sync_batch_norm(model, True)
     transfer = spec.arch != "small_cnn"
     batch = cfg.batch_size * runtime.strategy.num_replicas_in_sync
     steps = max(1, math.ceil(len(data.train_files) / batch))
@@ -253,6 +344,8 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
                                 augment=augment, cache=cache("train"))
         val_ds = make_dataset(data.val_files, data.val_y, data.val_meta if spec.metadata else None,
                               size=data.size, batch_size=batch, training=False, cache=cache("val"))
+        if runtime.workers > 1:
+            return _shard_by_data(train_ds), _shard_by_data(val_ds)
         return train_ds, val_ds
 
     weights_file = data.cache_dir / f"{spec.name}.best.weights.h5"
@@ -295,6 +388,8 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
             with warnings.catch_warnings():  # the checkpoint's optimizer slots are of the previous compile
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 model.load_weights(str(weights_file))  # best so far: phase 2 starts from the best phase-1 state
+    if runtime.workers > 1:
+        model = _local_copy(model)
     return model, history
 
 
@@ -382,6 +477,10 @@ def run(params: Any, paths: Paths, *, augmenter_factory: Callable[[Any, int], An
                 "params": int(model.count_params()),
             }
             log(f"{spec.name}: val AUC {member_metrics[spec.name]['val_auc']:.4f} ({timing[spec.name]} s)")
+        if not runtime.chief:  # the fits were the collective part; the chief alone stacks and writes
+            log(f"{runtime.task}: trained {len(members)} member(s) in sync with the chief; it writes the outputs")
+            return {"role": runtime.task, "workers": runtime.workers, "members": len(members),
+                    "seconds": round(time.perf_counter() - t0, 2)}
         coef, intercept = fit_stacker(np.stack([logit(p) for _, p in members], axis=1), data.val_y, cfg.ensemble)
         keras.utils.set_random_seed(cfg.seed)
         from tasks.models.classifier import build_ensemble
@@ -413,7 +512,8 @@ def run(params: Any, paths: Paths, *, augmenter_factory: Callable[[Any, int], An
     total = round(time.perf_counter() - t0, 2)
     (report_dir / "timing.json").unlink(missing_ok=True)  # the old name of run_stats.json
     write_run_stats(paths, STAGE, {"seconds": total, "members": timing, "gpus": runtime.gpus,
-                                   "mixed_precision": runtime.mixed_precision})
+                                   "mixed_precision": runtime.mixed_precision,
+                                   **({"workers": runtime.workers} if runtime.workers > 1 else {})})
     return {"val_auc": metrics["val_auc"], "threshold": threshold, "n_train": metrics["n_train"],
             "members": len(members), "seconds": total, "model": paths.rel(paths.models / MODEL_FILE)}
 

@@ -74,6 +74,13 @@ class Limits:
     widefield_min_side: int = 64
     max_lesions: int = 64  # wide-field: keep the most contrasted candidates beyond this
 
+    def __post_init__(self) -> None:
+        for key in ("max_files", "max_file_bytes", "min_side", "widefield_min_side", "max_lesions"):
+            if getattr(self, key) < 1:
+                raise InputError(f"app limit {key} must be >= 1, got {getattr(self, key)}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise InputError(f"app limit max_pixels must be >= 1 (or unset), got {self.max_pixels}")
+
     @property
     def max_request_bytes(self) -> int:
         # base64 in JSON grows 4/3; 1 MiB for the form fields and multipart/JSON framing.

@@ -354,6 +354,106 @@ class UglyDuckling(Strict):
     experiment: str = "lesionflow"
 
 
+# --------------------------------------------------------------------------- tune (no stage: `lesionflow tune`)
+# Sections a search may vary: train reads them and nothing upstream does (with augment.offline_copies 0), so a
+# trial on the existing data/upsample index is exactly what `dvc repro` gives after the values are applied.
+TUNABLE_SECTIONS = ("train", "augment")
+# Keys that change data stages' outputs, the model's list of members, or only speed/bookkeeping: not searched.
+UNTUNABLE_KEYS = frozenset({"augment.offline_copies", "augment.workers", "train.members", "train.threads",
+                            "train.deterministic", "train.download_weights", "train.cache"})
+
+
+class SearchDim(Strict):
+    """One dimension of the search space: `float`/`int` in [low, high] (log scale optional) or `categorical`."""
+
+    type: Literal["float", "int", "categorical"]
+    low: Union[int, float, None] = None
+    high: Union[int, float, None] = None
+    log: bool = False
+    choices: list[Union[bool, int, float, str]] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchDim:
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None or self.log:
+                raise ValueError("categorical needs `choices` (a non-empty list) and no low/high/log")
+            return self
+        if self.choices is not None or self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs `low` and `high` and no `choices`")
+        if self.type == "int" and not (isinstance(self.low, int) and isinstance(self.high, int)):
+            raise ValueError("int bounds must be whole numbers")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        return self
+
+
+_SECTION_MODELS: dict[str, type[BaseModel]] = {"train": Train, "augment": Augment}
+
+
+def _default_space() -> dict[str, dict[str, Any]]:
+    return {
+        "train.lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "train.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "train.weight_decay": {"type": "categorical", "choices": [0.0, 1.0e-4, 1.0e-3]},
+        "train.label_smoothing": {"type": "float", "low": 0.0, "high": 0.1},
+        "augment.rotate_limit": {"type": "int", "low": 0, "high": 90},
+        "augment.color_jitter_p": {"type": "float", "low": 0.0, "high": 0.8},
+    }
+
+
+class Tune(Strict):
+    """Hyperparameter search (`lesionflow tune`, flows/tune.py, docs/tune.md). Not a stage: DVC tracks no
+    output of it; the best trial is written back into the train/augment sections."""
+
+    n_trials: int = Field(default=20, ge=1)  # finished trials the study holds; a rerun runs the missing ones
+    timeout_s: float | None = Field(default=None, gt=0)  # no new trial starts after this many seconds
+    seed: int = 0  # sampler seed
+    sampler: Literal["tpe", "random"] = "tpe"
+    startup_trials: int = Field(default=5, ge=0)  # TPE: random trials before the model-based ones
+    pruner: Literal["median", "asha", "none"] = "median"
+    pruner_startup_trials: int = Field(default=3, ge=0)  # median: finished trials before any pruning
+    pruner_warmup_steps: int = Field(default=2, ge=0)  # epochs (all members, in order) before a trial may be pruned
+    asha_reduction_factor: int = Field(default=3, ge=2)
+    baseline_first: bool = True  # trial 0 trains this file's values: the search is judged against them
+    study_name: str = Field(default="lesionflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    mlflow: bool = True  # a parent run with one child run per trial
+    experiment: str = "lesionflow"
+    # `<section>.<key>` -> {type: float|int|categorical, low, high, log, choices}; sections train, augment.
+    space: dict[str, dict[str, Any]] = Field(default_factory=_default_space, min_length=1)
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        problems = []
+        for key, spec in v.items():
+            section, _, name = key.partition(".")
+            model = _SECTION_MODELS.get(section)
+            if model is None or name not in model.model_fields:
+                problems.append(f"{key}: not a key of {' or '.join(TUNABLE_SECTIONS)} (write `<section>.<key>`)")
+                continue
+            if key in UNTUNABLE_KEYS:
+                problems.append(f"{key}: not tunable (it changes data stages, the member list or only speed)")
+                continue
+            try:
+                dim = SearchDim.model_validate(spec)
+            except ValidationError as exc:
+                problems.append(f"{key}: " + "; ".join(e["msg"] for e in exc.errors()))
+                continue
+            values = dim.choices if dim.type == "categorical" else [dim.low, dim.high]
+            if dim.type == "float":
+                values = [float(x) for x in values]
+            for value in values:  # every bound/choice must be a valid value of the key itself
+                try:
+                    model.model_validate({name: value})
+                except ValidationError as exc:
+                    problems.append(f"{key}: {value!r} is not a valid value ({exc.errors()[0]['msg']})")
+        if problems:
+            raise ValueError("bad search space: " + " | ".join(problems))
+        return v
+
+
 class Params(Strict):
     """The whole params.yaml: one section per dvc.yaml stage, named exactly like it."""
 
@@ -372,6 +472,7 @@ class Params(Strict):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
     ugly_duckling: UglyDuckling = UglyDuckling()
+    tune: Tune = Tune()  # not a stage: the search `lesionflow tune` runs (flows/tune.py)
 
 
 class ParamsError(InputError):

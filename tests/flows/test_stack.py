@@ -259,6 +259,8 @@ def test_stack_up_answers_and_is_idempotent(live):
     assert live.env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{live.ports[2]}"
     assert (live.dir / ".gitignore").read_text().strip().endswith("*")
     assert oct((live.dir / "stack.json").stat().st_mode & 0o777) == "0o600"
+    procs = _stack_processes(live.dir)
+    assert len(procs) >= 5 and not [c for c in procs if live.cfg().db_password in c]  # no password in `ps`
     t0 = time.monotonic()
     res = live.cli("up", "--s3-port", str(live.ports[1]))  # the same port again: nothing to change
     assert res.returncode == 0, res.stderr

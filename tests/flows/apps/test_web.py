@@ -366,3 +366,36 @@ def test_serve_app_explains_a_missing_model(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="--model models"):
         web.serve_app(tmp_path / "nothing-here", tmp_path)
+    with pytest.raises(InputError, match="max_files must be >= 1"):
+        web.Limits(max_files=0)
+
+
+def test_body_limit_refuses_a_chunked_body_while_reading_it() -> None:
+    """No Content-Length (chunked upload): the middleware counts and stops reading at the limit."""
+    import asyncio
+
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        msg = await receive()
+        seen.append(msg["body"].decode())
+
+    def refuse(scope: dict, message: str) -> object:
+        async def respond(scope: dict, receive: object, send: object) -> None:
+            seen.append(f"413 {message}")
+        return respond
+
+    def run(chunks: list[bytes]) -> int:
+        queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+        reads = []
+
+        async def receive() -> dict:
+            reads.append(1)
+            return queue.pop(0)
+
+        asyncio.run(web.BodyLimit(app, 10, refuse)({"type": "http", "method": "POST", "headers": [], "path": "/x"},
+                                                   receive, None))
+        return len(reads)
+
+    assert run([b"abc", b"def"]) == 2 and seen == ["abcdef"]
+    assert run([b"abcdef", b"ghijkl", b"never read"]) == 2 and seen[-1].startswith("413 the request is larger")
