@@ -89,7 +89,7 @@ def build_model(spec: str, out: Path) -> Path:
 
 def client_for(model: str) -> tuple[object, dict]:
     from flows.apps import web
-    from tasks.models.bundle import load_bundle
+    from tasks.tracking import load_bundle  # paths and registry/run URIs alike
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -272,6 +272,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from flows.apps.web import main as app_main
+
+    return app_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="lesionflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -381,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("app", help="web page + JSON API: score photos (Grad-CAM), rank wide-field lesions (FastAPI)")
+    s.add_argument("--model", default="models:/lesionflow-classifier@champion",
+                   help="models:/ or runs:/ URI, a models/ folder or a .keras file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-files", type=int, default=16, help="photos per request")
+    s.add_argument("--max-file-mb", type=float, default=20.0, help="MiB per photo")
+    s.add_argument("--max-pixels", type=int, default=None, help="pixel cap (default: the model's stored cap)")
+    s.add_argument("--keep", default=None, metavar="DIR", help="keep uploads + answers here (default: nothing kept)")
+    s.set_defaults(func=cmd_app)
 
     from flows import stack  # light: no prefect/mlflow/boto3 at import
 

@@ -40,12 +40,13 @@ from tasks.core.labels import label_of
 from tasks.core.neardup import (
     FeatureCache,
     Features,
+    VerdictCache,
     components,
     compute_features,
     hamming,
     near_pairs,
     star_edges,
-    verify_pairs,
+    verify_cached,
 )
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,18 @@ class DedupeResult:
     groups: pd.DataFrame  # one row per group with > 1 member
     metrics: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    verify_stats: dict[str, int] = field(default_factory=dict)  # verified_new, verdict_cache_hits
 
 
 PAIR_COLUMNS = ["a", "b", "kind", "why", "hamming", "corr", "detail", "aligned", "accepted", "group"]
 
 
-def dedupe_table(index: pd.DataFrame, feats: Features, sha_per_row: Sequence[str], cfg: Dedupe) -> DedupeResult:
-    """Dedupe an index table given features per content hash (`sha_per_row[r]` names row r's content)."""
+def dedupe_table(index: pd.DataFrame, feats: Features, sha_per_row: Sequence[str], cfg: Dedupe,
+                 verdicts: VerdictCache | None = None) -> DedupeResult:
+    """Dedupe an index table given features per content hash (`sha_per_row[r]` names row r's content).
+
+    With `verdicts`, a candidate pair whose two contents were verified before (same params, same code) takes
+    the cached verdict; the result is the same as without it."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     df = index.reset_index(drop=True).copy()
@@ -232,8 +238,9 @@ def dedupe_table(index: pd.DataFrame, feats: Features, sha_per_row: Sequence[str
 
     # 3) verification on pixels (thumbnails).
     t2 = time.perf_counter()
-    ver = verify_pairs(feats.thumb, cand.assign(i=fi[cand["i"].to_numpy()], j=fi[cand["j"].to_numpy()]),
-                       cfg.verify_corr_min, cfg.verify_detail_min, cfg.workers)
+    ver, verify_stats = verify_cached(
+        feats.thumb, feats.sha, cand.assign(i=fi[cand["i"].to_numpy()], j=fi[cand["j"].to_numpy()]),
+        cfg.verify_corr_min, cfg.verify_detail_min, cfg.workers, verdicts)
     ver[["i", "j"]] = cand[["i", "j"]].to_numpy()
     timings["verify_s"] = time.perf_counter() - t2
 
@@ -254,7 +261,7 @@ def dedupe_table(index: pd.DataFrame, feats: Features, sha_per_row: Sequence[str
     metrics = dedupe_metrics(out, pairs, groups)
     timings["total_s"] = time.perf_counter() - t0
     result_cols = list(index.columns) + [c for c in OUTPUT_COLUMNS if c not in index.columns]
-    return DedupeResult(out[result_cols], pairs, groups, metrics, timings)
+    return DedupeResult(out[result_cols], pairs, groups, metrics, timings, verify_stats)
 
 
 def summarize_groups(out: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -371,7 +378,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     t1 = time.perf_counter()
     feats, cache_stats = features_for(index, shas, paths, cfg, FeatureCache(paths.cache / STAGE, cfg.thumb_size))
     t_feat = time.perf_counter() - t1
-    res = dedupe_table(index, feats, shas, cfg)
+    verdicts = VerdictCache(paths.cache / STAGE, cfg.verify_corr_min, cfg.verify_detail_min, cfg.thumb_size)
+    res = dedupe_table(index, feats, shas, cfg, verdicts)
+    cache_stats = {**cache_stats, **res.verify_stats}
 
     out_dir = paths.stage(STAGE)
     write_index(res.index, paths, STAGE)
@@ -394,8 +403,9 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
     timings = {"content_sha_s": t_sha, "features_s": t_feat, **res.timings, "stage_s": time.perf_counter() - t0}
     write_run_stats(paths, STAGE, {"cache": cache_stats, "workers": cfg.workers,
                                    "timings_s": {k: round(v, 3) for k, v in timings.items()}})
-    log.info("dedupe: %d images, %d groups, %d dropped, %d hashed (%d cached) in %.1f s", metrics["images"],
-             metrics["groups"], metrics["dropped"], cache_stats["hashed_new"], cache_stats["cache_hits"],
+    log.info("dedupe: %d images, %d groups, %d dropped, %d hashed (%d cached), %d pairs verified (%d cached) "
+             "in %.1f s", metrics["images"], metrics["groups"], metrics["dropped"], cache_stats["hashed_new"],
+             cache_stats["cache_hits"], cache_stats["verified_new"], cache_stats["verdict_cache_hits"],
              timings["stage_s"])
     return {"images": metrics["images"], "groups": metrics["groups"], "kept": metrics["kept"],
             "dropped": metrics["dropped"], "conflict_groups": metrics["conflict_groups"],

@@ -3,18 +3,27 @@
 The pixel work is `tasks.core.images.process_image` (which checks each file's header against
 `preprocess.max_pixels` and refuses damaged JPEGs before decoding); this module maps it over the split's
 images with `tasks.core.parallel.parallel_map` and does the I/O in one thin `run()`.
+
+Reruns reuse earlier work (`preprocess.cache`): the PNG of an input is cached under
+`.cache/lesionflow/preprocess/` keyed by the sha256 of the input bytes, the params that change pixels or
+bytes (`result_params`) and the code version (`cache_version`). A nightly run then decodes only new images and
+writes the same bytes a cold run writes; deleting the cache changes no output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+import tasks.core.images as images_module
+from tasks.core.cache import ResultCache, source_digest
 from tasks.core.config import Params, Preprocess
 from tasks.core.errors import InputError, RunError
 from tasks.core.images import DEFAULT_MAX_PIXELS, decode, encode_png, process_image, resize, sample_grid
@@ -38,6 +47,12 @@ log = logging.getLogger(__name__)
 STAGE = "preprocess"
 INPUT_STAGE = "split"
 SAMPLE_COLUMNS = 8  # images in the before/after grid
+# Bump by hand when the bytes written for the same input and params change (e.g. another PNG encoding).
+# The key also holds the sha256 of tasks/core/images.py and the OpenCV / numpy versions.
+CACHE_VERSION = "preprocess-1"
+# Params that change nothing in an output file: the only ones left out of the cache key.
+NOT_IN_RESULT = frozenset({"workers", "max_failed_fraction", "cache"})
+CACHE_KEEP_OTHER = 2  # result sets of other params kept next to the current one (older ones are deleted)
 
 
 # --------------------------------------------------------------------------- pure
@@ -56,20 +71,72 @@ def max_pixels_of(cfg: Preprocess) -> int:
     return int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
-# --------------------------------------------------------------------------- one image, as a worker runs it
-def _process_one(cfg: Preprocess, job: tuple[str, str]) -> tuple[int, str | None]:
-    """(bytes written, None) or (0, 'ErrorType: message'); never raises."""
-    src, dst = job
+def result_params(cfg: Preprocess) -> dict[str, Any]:
+    """The params that decide an output file's bytes (every key but NOT_IN_RESULT: a new key counts)."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IN_RESULT}
+
+
+def cache_version() -> str:
+    """CACHE_VERSION + the pixel code's source hash + library versions: any of them changing is a new cache."""
+    import cv2
+
+    code = source_digest([images_module.__file__, __file__])[:16]
+    return f"{CACHE_VERSION}/code-{code}/opencv-{cv2.__version__}/numpy-{np.__version__}"
+
+
+def open_cache(cfg: Preprocess, paths: Paths) -> ResultCache | None:
+    """This run's result set under .cache/lesionflow/preprocess (None when `preprocess.cache` is off)."""
+    if not getattr(cfg, "cache", True):
+        return None
+    cache = ResultCache(paths.cache / STAGE, result_params(cfg), cache_version())
     try:
-        png = encode_png(process_image(Path(src).read_bytes(), cfg), cfg.png_compression)
-        write_file_atomic(dst, png)
-        return len(png), None
+        cache.open()
+        cache.prune_others(CACHE_KEEP_OTHER)
+    except OSError as exc:  # a read-only or full disk costs speed, never the run
+        log.warning("preprocess: cache %s unusable (%s); processing every image", cache.dir, exc)
+        return None
+    return cache
+
+
+# --------------------------------------------------------------------------- one image, as a worker runs it
+def _same_file(path: str, data: bytes) -> bool:
+    """The file at `path` already holds exactly `data` (a rerun outside DVC: nothing to rewrite)."""
+    try:
+        if os.path.getsize(path) != len(data):
+            return False
+        with open(path, "rb") as fh:
+            return fh.read() == data
+    except OSError:
+        return False
+
+
+def _process_one(ctx: tuple[Preprocess, ResultCache | None], job: tuple[str, str]) -> tuple[int, str | None, str]:
+    """(bytes written, None, cache status) or (0, 'ErrorType: message', status); never raises.
+
+    Cache status: 'hit' (the PNG came from the cache), 'miss' / 'corrupt' (computed, then cached), 'off'.
+    Failures are not cached: they are rare, and some (an unreadable file) are not a property of the bytes."""
+    cfg, cache = ctx
+    src, dst = job
+    status = "off"
+    try:
+        data = Path(src).read_bytes()
+        png = None
+        if cache is not None:
+            sha = hashlib.sha256(data).hexdigest()
+            status, png = cache.get(sha)
+        if png is None:
+            png = encode_png(process_image(data, cfg), cfg.png_compression)
+            if cache is not None:
+                cache.put(sha, png)
+        if not _same_file(dst, png):
+            write_file_atomic(dst, png)
+        return len(png), None, status
     except Exception as exc:  # noqa: BLE001 - quarantined per image, reported in failed.csv
-        return 0, f"{type(exc).__name__}: {exc}"
+        return 0, f"{type(exc).__name__}: {exc}", status
 
 
-def _cfg_setup(cfg: Preprocess) -> Preprocess:
-    return cfg
+def _cfg_setup(cfg: Preprocess, cache: ResultCache | None = None) -> tuple[Preprocess, ResultCache | None]:
+    return cfg, cache
 
 
 def _samples(rows: pd.DataFrame, paths: Paths, cfg: Preprocess) -> np.ndarray | None:
@@ -108,9 +175,11 @@ def run(params: Params, paths: Paths) -> dict:
     out_dir = paths.stage(STAGE)
     rerun = (out_dir / "images").exists()  # under `dvc repro` the out is removed first: nothing to prune
 
-    results = parallel_map(_process_one, jobs, cfg.workers, setup=_cfg_setup, setup_args=(cfg,), desc=STAGE)
+    cache = open_cache(cfg, paths)
+    results = parallel_map(_process_one, jobs, cfg.workers, setup=_cfg_setup, setup_args=(cfg, cache), desc=STAGE)
 
-    errors = [err for _, err in results]
+    errors = [err for _, err, _ in results]
+    statuses = [st for _, _, st in results]
     ok = np.array([e is None for e in errors], dtype=bool)
     failed = df.loc[~ok, [*KEY, "path"]].assign(error=[e for e in errors if e is not None])
     write_table(failed, out_dir / "failed.csv")
@@ -136,7 +205,7 @@ def run(params: Params, paths: Paths) -> dict:
         "processed": int(ok.sum()),
         "failed": n_failed,
         "by_split": {str(k): int(v) for k, v in by_split.items()},
-        "bytes_written": int(sum(b for b, _ in results)),
+        "bytes_written": int(sum(b for b, _, _ in results)),
     }
     write_json(report_dir / "metrics.json", metrics)
     seconds = time.perf_counter() - t0
@@ -146,9 +215,12 @@ def run(params: Params, paths: Paths) -> dict:
         "images_per_s": images_per_s,
         "workers": min(cfg.workers, max(1, len(df))),
         "stale_files_removed": pruned,
+        "cache": {"enabled": cache is not None, "hits": statuses.count("hit"),
+                  "misses": statuses.count("miss"), "corrupt": statuses.count("corrupt"),
+                  "dir": paths.rel(cache.dir) if cache is not None else None},
         "params": {"preprocess": cfg.model_dump(mode="json")},
     })
-    log.info("preprocess: %d/%d images processed (%d failed) in %.1f s", metrics["processed"], len(df),
-             n_failed, seconds)
+    log.info("preprocess: %d/%d images processed (%d failed, %d from the cache) in %.1f s", metrics["processed"],
+             len(df), n_failed, statuses.count("hit"), seconds)
     return {**{k: metrics[k] for k in ("images_in", "processed", "failed")}, "seconds": round(seconds, 3),
             "images_per_s": images_per_s}

@@ -247,6 +247,27 @@ def _sync_batch_norm(model: Any, on: bool) -> None:
             layer.synchronized = on
 
 
+def _build_from_local_batch(model: Any, strategy: Any) -> None:
+    """Keras 3 (3.15 too) builds a model under a tf.distribute strategy from its first batch, which it gets with
+    strategy.reduce(MEAN) over the whole (inputs, target) nest; MultiWorkerMirroredStrategy cannot reduce a nest
+    ("Attempt to convert a value ({'image': PerReplica...}) ... to a Tensor"; keras-team/keras#20329, #20585).
+    The batch only gives the build its shapes, so this worker's own first-replica batch serves as well."""
+    import tensorflow as tf
+
+    build = model._maybe_symbolic_build
+
+    def from_local_batch(iterator: Any = None, data_batch: Any = None) -> Any:
+        if iterator is not None:
+            for _, _, it in iterator:  # fit/evaluate reset the iterator after the build
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                break
+        return build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = from_local_batch
+
+
 def _local_copy(model: Any) -> Any:
     """The trained model outside the multi-worker strategy: same config and weights, plain variables, so
     prediction, stacking and saving run locally (no collective ops) on every process."""
@@ -328,6 +349,7 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
                              name=spec.name, seed=seed, download=cfg.download_weights)
         if runtime.workers > 1:
             _sync_batch_norm(model, True)
+            _build_from_local_batch(model, runtime.strategy)
     transfer = spec.arch != "small_cnn"
     batch = cfg.batch_size * runtime.strategy.num_replicas_in_sync
     steps = max(1, math.ceil(len(data.train_files) / batch))

@@ -166,6 +166,7 @@ class Preprocess(Strict):
     png_compression: int = Field(default=1, ge=0, le=9)  # zlib level, lossless either way; 1 = fastest (RLE)
     max_failed_fraction: float = Field(default=0.05, ge=0, le=1)  # more failures than this fail the stage
     max_pixels: int = Field(default=50_000_000, ge=1)  # header-checked cap; also stored for predict/serve/screen
+    cache: bool = True  # reuse PNGs of unchanged inputs from .cache/lesionflow/preprocess (same bytes either way)
 
 
 class Augment(Strict):

@@ -20,10 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import shutil
-import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,11 +29,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.core.cache import SegmentStore, params_digest, source_digest
 from tasks.core.images import DEFAULT_MAX_PIXELS, ImageRejected, check_size
 from tasks.core.io import progress
 
 # Bump when the feature computation changes: old cache segments are then ignored, never mixed in.
 FEATURE_VERSION = 1
+# Bump when verify_pair's verdict for the same thumbnails and thresholds changes (cached verdicts are then unused).
+VERIFY_VERSION = 1
 PHASH_BITS = 256
 PHASH_WORDS = PHASH_BITS // 64
 _HASH_SIDE = 64  # grey image side the DCT runs on
@@ -161,7 +160,8 @@ def _features_of_files(jobs: list[tuple[str, str]], thumb_size: int,
     """Worker: (sha, absolute path) -> Features; one process handles a chunk to amortise start-up."""
     import cv2
 
-    cv2.setNumThreads(1)  # the pool provides the parallelism; OpenCV threads would oversubscribe the cores
+    if cv2.getNumThreads() != 1:  # in-process run; forked workers inherit 1 from compute_features
+        cv2.setNumThreads(1)  # the pool provides the parallelism; OpenCV threads would oversubscribe the cores
     recs = []
     for _sha, path in jobs:
         try:
@@ -191,80 +191,124 @@ def compute_features(jobs: list[tuple[str, str]], thumb_size: int, workers: int 
     """Features for (sha, path) jobs, in a process pool when workers > 1 (order preserved)."""
     import multiprocessing
 
+    import cv2
+
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
-    if workers <= 1 or len(jobs) < _POOL_MIN_JOBS:
-        parts = [_features_of_files(c, thumb_size, max_pixels)
-                 for c in progress(chunks, desc="dedupe: hashing", unit="chunk")]
-    else:
-        # The platform default start method (fork on Linux): spawn would re-import the caller's __main__,
-        # which breaks any script without a main guard; workers only run numpy/OpenCV on their own data.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context()) as pool:
-            parts = list(progress(pool.map(_features_of_files, chunks, [thumb_size] * len(chunks),
-                                            [max_pixels] * len(chunks)),
-                                  total=len(chunks), desc="dedupe: hashing", unit="chunk"))
+    # One OpenCV thread, set here in the parent and restored after: a forked child that calls
+    # cv2.setNumThreads while it inherits a live OpenCV thread pool (the parent ran a parallel op before,
+    # e.g. a resize) hangs for ever in pthread_cond_destroy. Measured: the hashing pool never finished.
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        if workers <= 1 or len(jobs) < _POOL_MIN_JOBS:
+            parts = [_features_of_files(c, thumb_size, max_pixels)
+                     for c in progress(chunks, desc="dedupe: hashing", unit="chunk")]
+        else:
+            # The platform default start method (fork on Linux): spawn would re-import the caller's __main__,
+            # which breaks any script without a main guard; workers only run numpy/OpenCV on their own data.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context()) as pool:
+                parts = list(progress(pool.map(_features_of_files, chunks, [thumb_size] * len(chunks),
+                                                [max_pixels] * len(chunks)),
+                                      total=len(chunks), desc="dedupe: hashing", unit="chunk"))
+    finally:
+        cv2.setNumThreads(prev)
     return Features.concat(parts, thumb_size)
 
 
-# --------------------------------------------------------------------------- feature cache
+# --------------------------------------------------------------------------- feature and verdict caches
 class FeatureCache:
-    """Features keyed by content sha256, stored as append-only segments of .npy files.
+    """Features keyed by content sha256, stored as append-only segments (tasks.core.cache.SegmentStore).
 
     A run writes one new segment holding only what it had to compute, so a nightly rerun over 100k cached
-    images hashes nothing and rewrites nothing; many small segments are compacted into one."""
-
-    MAX_SEGMENTS = 8
+    images hashes nothing and rewrites nothing; a damaged segment is dropped and its images hashed again."""
 
     def __init__(self, root: Path, thumb_size: int):
         self.dir = Path(root) / f"v{FEATURE_VERSION}-t{thumb_size}"
         self.thumb_size = thumb_size
-
-    def _segments(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("seg-")
-                      and (p / "done").exists())
+        self.store = SegmentStore(self.dir, Features.__dataclass_fields__)
 
     def load(self) -> Features:
-        parts = []
-        for seg in self._segments():
-            try:
-                parts.append(Features(**{f: np.load(seg / f"{f}.npy") for f in Features.__dataclass_fields__}))
-            except (OSError, ValueError, TypeError):
-                continue  # a damaged segment only costs speed: its images are hashed again
+        parts = [Features(**cols) for cols in self.store.load()]
         feats = Features.concat(parts, self.thumb_size)
         if len(feats):
             _, first = np.unique(feats.sha, return_index=True)
             feats = feats.take(np.sort(first))
         return feats
 
-    def _write_segment(self, feats: Features) -> None:
-        """One segment, atomically: it is written under a temp name and renamed once complete."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            for f in Features.__dataclass_fields__:
-                np.save(tmp / f"{f}.npy", getattr(feats, f), allow_pickle=False)
-            (tmp / "done").write_text(str(len(feats)))
-            os.replace(tmp, self.dir / f"seg-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
     def add(self, feats: Features) -> None:
         """Persist newly computed features; compact when segments pile up."""
-        if len(feats):
-            self._write_segment(feats)
-        if len(self._segments()) > self.MAX_SEGMENTS:
-            self.compact()
+        self.store.add({f: getattr(feats, f) for f in Features.__dataclass_fields__})
 
     def compact(self) -> None:
-        """Merge all segments into one (the old ones are removed only after the merged one exists)."""
-        old = self._segments()
-        if len(old) <= 1:
-            return
-        self._write_segment(self.load())
-        for seg in old:
-            shutil.rmtree(seg, ignore_errors=True)
+        self.store.compact()
+
+
+VERDICT_FIELDS = ("a", "b", "corr", "detail", "aligned", "accepted")
+
+
+def verdict_version() -> str:
+    """VERIFY_VERSION + this module's source hash + OpenCV/numpy versions (ECC and blurs are OpenCV's)."""
+    import cv2
+
+    return f"v{VERIFY_VERSION}-f{FEATURE_VERSION}/code-{source_digest([__file__])[:16]}/opencv-{cv2.__version__}" \
+           f"/numpy-{np.__version__}"
+
+
+class VerdictCache:
+    """Verification results keyed by the ordered pair of content hashes (b verified against a), for one set of
+    verify params and one code version: a nightly rerun verifies only the pairs it has not seen.
+
+    `verify_pair` is a function of the two thumbnails (themselves a function of the two contents, the thumb
+    size and FEATURE_VERSION) and of the thresholds, which decide whether the alignment is tried; all of them
+    name the folder, so a cached verdict is exactly what a fresh verification returns."""
+
+    def __init__(self, root: Path, corr_min: float, detail_min: float, thumb_size: int):
+        params = {"verify_corr_min": corr_min, "verify_detail_min": detail_min, "thumb_size": thumb_size}
+        self.version = verdict_version()
+        self.dir = Path(root) / f"verdicts-{params_digest(params, self.version)}"
+        self.params = params
+        self.store = SegmentStore(self.dir, VERDICT_FIELDS)
+
+    def load(self) -> pd.DataFrame:
+        parts = self.store.load()
+        if not parts:
+            return pd.DataFrame({"a": np.zeros(0, "<U64"), "b": np.zeros(0, "<U64"), "corr": np.zeros(0),
+                                 "detail": np.zeros(0), "aligned": np.zeros(0, bool), "accepted": np.zeros(0, bool)})
+        df = pd.DataFrame({f: np.concatenate([p[f] for p in parts]) for f in VERDICT_FIELDS})
+        return df.drop_duplicates(["a", "b"], keep="first").reset_index(drop=True)
+
+    def add(self, verdicts: pd.DataFrame) -> None:
+        self.store.add({"a": verdicts["a"].to_numpy().astype("<U64"), "b": verdicts["b"].to_numpy().astype("<U64"),
+                        "corr": verdicts["corr"].to_numpy(np.float64),
+                        "detail": verdicts["detail"].to_numpy(np.float64),
+                        "aligned": verdicts["aligned"].to_numpy(bool),
+                        "accepted": verdicts["accepted"].to_numpy(bool)})
+
+
+def verify_cached(thumbs: np.ndarray, sha: np.ndarray, pairs: pd.DataFrame, corr_min: float, detail_min: float,
+                  workers: int = 1, cache: VerdictCache | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """verify_pairs, taking the verdict of every pair whose two contents were verified before from `cache`.
+
+    `sha[k]` is the content hash of `thumbs[k]`; (i, j) in `pairs` index both. Returns the pairs with corr,
+    detail, aligned, accepted (exactly what verify_pairs gives) and {'verified_new', 'verdict_cache_hits'}."""
+    if cache is None:
+        out = verify_pairs(thumbs, pairs, corr_min, detail_min, workers)
+        return out, {"verified_new": len(out), "verdict_cache_hits": 0}
+    keys = pd.Series(sha[pairs["i"].to_numpy()]).str.cat(pd.Series(sha[pairs["j"].to_numpy()]), sep=":")
+    known = cache.load()
+    known.index = known["a"].str.cat(known["b"], sep=":")
+    hit = keys.isin(known.index).to_numpy()
+    fresh = verify_pairs(thumbs, pairs[~hit], corr_min, detail_min, workers)
+    out = pairs.copy()
+    for col, dtype in (("corr", np.float64), ("detail", np.float64), ("aligned", bool), ("accepted", bool)):
+        vals = np.zeros(len(out), dtype)
+        vals[hit] = known.loc[keys[hit].to_numpy(), col].to_numpy(dtype)
+        vals[~hit] = fresh[col].to_numpy(dtype)
+        out[col] = vals
+    if len(fresh):
+        cache.add(pd.DataFrame({"a": sha[fresh["i"].to_numpy()], "b": sha[fresh["j"].to_numpy()],
+                                **{c: fresh[c].to_numpy() for c in ("corr", "detail", "aligned", "accepted")}}))
+    return out, {"verified_new": int((~hit).sum()), "verdict_cache_hits": int(hit.sum())}
 
 
 # --------------------------------------------------------------------------- candidate search (pure)

@@ -120,6 +120,44 @@ def test_apply_keeps_comments_and_refuses_what_it_cannot_edit(tmp_path):
     assert g.read_text() == text
 
 
+# --------------------------------------------------------------------------- the epoch hook into the train stage
+class FakeTrial:
+    def __init__(self, prune_below: float) -> None:
+        self.reports, self.prune_below = [], prune_below
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return self.reports[-1][1] < self.prune_below
+
+
+def test_epoch_hook_reports_train_stage_epochs_and_prunes():
+    """The train stage's per-epoch Keras callback forwards val AUC to the running trial inside the hook (and only
+    there); a trial below the bar raises TrialPruned out of the callback, i.e. out of model.fit."""
+    import optuna
+
+    from tasks import train
+
+    original = train._EpochLog.make
+    trial = FakeTrial(prune_below=0.5)
+    reporter = tune_mod.Reporter(trial)
+    with tune_mod.epoch_hook():
+        callback = train._EpochLog.make("cnn", 1)
+        tune_mod._ACTIVE.append(reporter)
+        try:
+            callback.on_epoch_end(0, {"val_auc": 0.7, "loss": 0.4})
+            callback.on_epoch_end(1, {"loss": 0.3})  # no val AUC: recorded, not reported
+            with pytest.raises(optuna.TrialPruned, match="val AUC 0.4000 at step 2"):
+                callback.on_epoch_end(2, {"val_auc": 0.4})
+        finally:
+            tune_mod._ACTIVE.remove(reporter)
+    assert trial.reports == [(0, 0.7), (2, 0.4)] and [r["step"] for r in reporter.records] == [0, 1, 2]
+    assert train._EpochLog.make is original
+    train._EpochLog.make("cnn", 1).on_epoch_end(0, {"val_auc": 0.1})  # outside the hook: nothing reported
+    assert len(trial.reports) == 2
+
+
 # --------------------------------------------------------------------------- the search, with a scripted trainer
 class ScriptedTrain:
     """Stands in for the train stage: per call, a scripted val AUC reached over three epochs (reported through

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.flows.conftest import ROOT
 
@@ -29,16 +30,15 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 POOL = "lf-test-pool"
 # A tiny synthetic source: ingest generates it through the local ISIC stand-in (no network), in a second or two.
-TINY_PARAMS = """\
-ingest:
-  sources:
-    - kind: synthetic
-      name: synthetic
-      n: 12
-      seed: 0
-      malignant_fraction: 0.5
-      image_size: 32
-"""
+TINY_SOURCE = {"kind": "synthetic", "name": "synthetic", "n": 12, "seed": 0, "malignant_fraction": 0.5,
+               "image_size": 32}
+
+
+def tiny_params() -> str:
+    """params.yaml with only the ingest source swapped (params files are complete records)."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["ingest"]["sources"] = [TINY_SOURCE]
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def free_port() -> int:
@@ -127,7 +127,7 @@ def project(tmp_path) -> Path:
         shutil.copytree(ROOT / d, root / d, ignore=ignore)
     for f in ("dvc.yaml", "nightly.yaml", "params.yaml"):
         shutil.copy(ROOT / f, root / f)
-    (root / "tiny.yaml").write_text(TINY_PARAMS)
+    (root / "tiny.yaml").write_text(tiny_params())
     return root
 
 

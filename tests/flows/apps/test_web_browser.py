@@ -26,6 +26,9 @@ from tests.flows.apps.test_web import app_bundle, closeup_jpeg, widefield_png  #
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parents[3]
+# Decided at collection, before the session fixtures (the tiny model's training) would run.
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,6 @@ def live_url(app_bundle: Bundle, lf_trained: Path) -> Iterator[str]:  # noqa: F8
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         yield b
@@ -63,7 +63,7 @@ def browser() -> Iterator[object]:
 
 def shot(page: object, name: str, tmp_path: Path) -> None:
     """Full-page screenshot to tmp_path, and to $LESIONFLOW_APP_SCREENSHOTS/app-<name>.png when set (there
-    quantised to 256 colours: a third of the bytes, for the repository)."""
+    quantised to 256 colours, dithered: under half the bytes, for the repository)."""
     out = tmp_path / f"app-{name}.png"
     page.screenshot(path=str(out), full_page=True)
     target = os.environ.get("LESIONFLOW_APP_SCREENSHOTS")
@@ -73,7 +73,9 @@ def shot(page: object, name: str, tmp_path: Path) -> None:
         dest = (ROOT / target) if not Path(target).is_absolute() else Path(target)
         dest.mkdir(parents=True, exist_ok=True)
         with Image.open(out) as im:
-            im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(dest / out.name, optimize=True)
+            rgb = im.convert("RGB")
+            palette = rgb.quantize(256, method=Image.Quantize.MEDIANCUT)  # then dithered: no banding in photos
+            rgb.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(dest / out.name, optimize=True)
 
 
 def test_page_in_chromium(browser: object, live_url: str, tmp_path: Path) -> None:
