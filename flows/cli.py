@@ -272,6 +272,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from flows.tune import tune
+
+    _emit(tune(Path(args.root).resolve(), Path(args.params), n_trials=args.trials, timeout_s=args.timeout,
+               apply=args.apply))
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from flows.apps.web import main as app_main
 
@@ -387,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5001)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("tune", help="hyperparameter search (Optuna) over train/augment params; trials are MLflow child "
+                                    "runs")
+    s.add_argument("--trials", type=_positive_int, default=None,
+                   help="finished trials the study should hold (default: tune.n_trials; a rerun runs the missing ones)")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="start no new trial after this many seconds (default: tune.timeout_s)")
+    s.add_argument("--apply", action="store_true",
+                   help="write the best trial's values into the params file (in place, comments kept)")
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("app", help="web page + JSON API: score photos (Grad-CAM), rank wide-field lesions (FastAPI)")
     s.add_argument("--model", default="models:/lesionflow-classifier@champion",

@@ -265,24 +265,35 @@ def dedupe_table(index: pd.DataFrame, feats: Features, sha_per_row: Sequence[str
 
 
 def summarize_groups(out: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per duplicate group (> 1 member): members, kept one, kind, conflict, score range."""
+    """One row per duplicate group (> 1 member): members, kept one, kind, conflict, score range.
+
+    Whole-table group-bys, no loop over groups: at 10^4 images with a copy or three per photo there are
+    thousands of groups, and a per-group pandas loop cost more than the rest of the stage together."""
     multi = out[out["dup_size"] > 1]
     cols = ["group", "size", "kind", "members", "kept", "labels", "conflict", "min_corr", "min_detail",
             "max_hamming"]
     if multi.empty:
         return pd.DataFrame(columns=cols)
+    frame = pd.DataFrame({
+        "group": multi["dup_group"].astype(str).to_numpy(object),
+        "key": (multi["source"].astype(str) + ":" + multi["isic_id"].astype(str)).to_numpy(object),
+        "keep": multi["keep"].to_numpy(bool),
+        "label": multi["label"].astype(str).to_numpy(object),
+        "kind": multi["dup_kind"].astype(str).to_numpy(object),
+    })
+    by = frame.groupby("group", sort=True)
+    members = frame.sort_values(["group", "key"], kind="stable").groupby("group", sort=True)["key"].agg(";".join)
+    kept = frame[frame["keep"]].groupby("group", sort=True)["key"].agg(";".join)  # row order, as kept
+    label_sets = (frame.drop_duplicates(["group", "label"]).sort_values(["group", "label"], kind="stable")
+                  .groupby("group", sort=True)["label"].agg(list))
+    groups = pd.DataFrame({"size": by.size().astype(int), "kind": by["kind"].first(), "members": members,
+                           "kept": kept.reindex(members.index, fill_value=""),
+                           "labels": label_sets.map(";".join), "conflict": label_sets.map(_conflict).astype(bool)})
+    groups.index.name = "group"
     acc = pairs[pairs["accepted"]]
     score = acc.groupby("group").agg(min_corr=("corr", "min"), min_detail=("detail", "min"),
                                      max_hamming=("hamming", "max"))
-    rows = []
-    for g, m in multi.groupby("dup_group", sort=True):
-        keys = (m["source"].astype(str) + ":" + m["isic_id"].astype(str)).tolist()
-        kept = m.loc[m["keep"], ["source", "isic_id"]]
-        labels = sorted(set(m["label"]))
-        rows.append({"group": g, "size": len(m), "kind": m["dup_kind"].iat[0], "members": ";".join(sorted(keys)),
-                     "kept": ";".join(kept["source"].astype(str) + ":" + kept["isic_id"].astype(str)),
-                     "labels": ";".join(labels), "conflict": _conflict(labels)})
-    groups = pd.DataFrame(rows).set_index("group").join(score).reset_index()
+    groups = groups.join(score).reset_index()
     return groups[cols]
 
 

@@ -113,11 +113,12 @@ def _same_file(path: str, data: bytes) -> bool:
 def _process_one(ctx: tuple[Preprocess, ResultCache | None], job: tuple[str, str]) -> tuple[int, str | None, str]:
     """(bytes written, None, cache status) or (0, 'ErrorType: message', status); never raises.
 
-    Cache status: 'hit' (the PNG came from the cache), 'miss' / 'corrupt' (computed, then cached), 'off'.
+    Cache status: 'hit' (the PNG came from the cache), 'miss' / 'corrupt' (computed, then cached), 'off'
+    (no cache) or 'failed'.
     Failures are not cached: they are rare, and some (an unreadable file) are not a property of the bytes."""
     cfg, cache = ctx
     src, dst = job
-    status = "off"
+    status: str = "off"
     try:
         data = Path(src).read_bytes()
         png = None
@@ -132,7 +133,7 @@ def _process_one(ctx: tuple[Preprocess, ResultCache | None], job: tuple[str, str
             write_file_atomic(dst, png)
         return len(png), None, status
     except Exception as exc:  # noqa: BLE001 - quarantined per image, reported in failed.csv
-        return 0, f"{type(exc).__name__}: {exc}", status
+        return 0, f"{type(exc).__name__}: {exc}", "failed"
 
 
 def _cfg_setup(cfg: Preprocess, cache: ResultCache | None = None) -> tuple[Preprocess, ResultCache | None]:

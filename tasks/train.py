@@ -228,6 +228,7 @@ def configure_runtime(cfg: Train) -> Runtime:
         comm = tf.distribute.experimental.CommunicationImplementation
         options = tf.distribute.experimental.CommunicationOptions(implementation=comm.NCCL if gpus else comm.RING)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        _mean_scalars_across_workers()
         log(f"multi-worker: {cluster.task} of {cluster.workers} processes, "
             f"{strategy.num_replicas_in_sync} replicas in sync{' (chief)' if cluster.chief else ''}")
         return Runtime(strategy=strategy, gpus=len(gpus), mixed_precision=bool(gpus),
@@ -266,6 +267,33 @@ def _build_from_local_batch(model: Any, strategy: Any) -> None:
         return build(data_batch=data_batch)
 
     model._maybe_symbolic_build = from_local_batch
+
+
+def _mean_scalars_across_workers() -> None:
+    """Keras 3 (3.15 too) averages each step's logs over MultiWorkerMirroredStrategy workers with
+    strategy.reduce(MEAN, axis=0), which fails on the scalar loss/metric values ("Invalid reduction dimension 0 for
+    input with 0 dimensions"); scalars are averaged with axis=None instead. Epoch logs (history, checkpoint and
+    early-stopping decisions) are unaffected: Keras reads them from the metrics' all-reduced state. Applied only
+    in a multi-worker process, once."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "lesionflow_patched", False):
+        return
+
+    def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
+        if reduction not in ("auto", "mean") or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return original(values, strategy, reduction)
+
+        def mean(v: Any) -> Any:
+            local = strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+            return strategy.reduce("MEAN", v, axis=0 if local.shape.rank else None)
+
+        return tf.nest.map_structure(mean, values)
+
+    reduce_per_replica.lesionflow_patched = True  # type: ignore[attr-defined]
+    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 def _local_copy(model: Any) -> Any:

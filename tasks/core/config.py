@@ -456,7 +456,7 @@ class Tune(Strict):
 
 
 class Params(Strict):
-    """The whole params.yaml: one section per dvc.yaml stage, named exactly like it."""
+    """The whole params.yaml: one section per dvc.yaml stage, named exactly like it, plus `tune` (the search)."""
 
     def view(self, sections: "tuple[str, ...] | list[str]", stage: str = "") -> "SectionView":
         """Only the named sections: a stage sees what its dvc.yaml `params:` declares, nothing else."""

@@ -92,15 +92,16 @@ def page(server: str) -> Iterator[object]:
 
 
 def goto(page: object, url: str) -> None:
-    page.goto(url)
-    page.wait_for_load_state("networkidle")
-    close = page.get_by_role("button", name=re.compile("^close$", re.I))  # the assistant side panel, if open
-    if close.count():
-        close.first.click()
+    page.goto(url)  # the UI keeps polling: wait for elements, never for network idle
+    page.wait_for_load_state("load")
 
 
 def shot(page: object, name: str, tmp_path: Path) -> None:
     out = tmp_path / f"mlflow-{name}.png"
+    close = page.get_by_role("button", name=re.compile("^close$", re.I))  # the assistant side panel, if open
+    if close.count() and close.first.is_visible():
+        close.first.click()
+        page.wait_for_timeout(300)
     page.screenshot(path=str(out))
     target = os.environ.get("LESIONFLOW_MLFLOW_SCREENSHOTS")
     if target:

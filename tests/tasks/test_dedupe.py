@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -379,3 +380,75 @@ def test_missing_ingest_columns_are_an_input_error(tmp_path: Path) -> None:
     write_index(pd.DataFrame({"source": ["s"], "isic_id": ["ISIC_0000001"]}), paths, "ingest")
     with pytest.raises(InputError, match=r"missing column\(s\) \['path'\]"):
         D.run(params(), paths)
+
+
+# --------------------------------------------------------------------------- verdict cache (incremental runs)
+def _stats(paths: Paths) -> dict:
+    return json.loads((paths.reports / "dedupe" / "run_stats.json").read_text())["cache"]
+
+
+def test_verdict_cache_rerun_verifies_nothing_and_new_image_only_its_pairs(
+        dup_project: tuple[Paths, dict]) -> None:
+    paths, _ = dup_project
+    D.run(params(), paths)
+    first = _outputs(paths, "dedupe")
+    cold = _stats(paths)
+    assert cold["verified_new"] > 0 and cold["verdict_cache_hits"] == 0
+    D.run(params(), paths)  # same groups: every verdict from the cache, same bytes
+    warm = _stats(paths)
+    assert warm["verified_new"] == 0 and warm["verdict_cache_hits"] == cold["verified_new"]
+    assert _outputs(paths, "dedupe") == first
+
+    # A new copy of photo 0: only pairs that involve it are verified; the result equals a cold run's.
+    idx = pd.read_parquet(paths.index("ingest"))
+    p = write(paths.root / "data" / "ingest" / "images" / "new.jpg", recolour(lesion_image(0)))
+    idx = pd.concat([idx, pd.DataFrame([{"source": "a", "isic_id": "ISIC_2000000", "path": paths.rel(p),
+                                         "benign_malignant": "benign"}])], ignore_index=True)
+    write_index(idx, paths, "ingest")
+    D.run(params(), paths)
+    nightly = _stats(paths)
+    pairs = pd.read_csv(paths.stage("dedupe") / "pairs.csv")
+    near = pairs[pairs["kind"] == "near"]
+    with_new = near["a"].str.endswith("ISIC_2000000") | near["b"].str.endswith("ISIC_2000000")
+    assert nightly["verified_new"] == int(with_new.sum()) > 0
+    assert nightly["verdict_cache_hits"] == int((~with_new).sum())
+    incremental = _outputs(paths, "dedupe")
+    shutil.rmtree(paths.cache)  # the cache is never the record: a cold run gives the same bytes
+    D.run(params(), paths)
+    assert _stats(paths)["verdict_cache_hits"] == 0
+    assert _outputs(paths, "dedupe") == incremental
+
+
+def test_verdict_cache_is_keyed_by_verify_params_and_survives_damage(dup_project: tuple[Paths, dict]) -> None:
+    from tasks.core.neardup import VerdictCache
+
+    paths, _ = dup_project
+    D.run(params(), paths)
+    first = _outputs(paths, "dedupe")
+    D.run(params(verify_detail_min=0.9), paths)  # other thresholds: nothing reused
+    assert _stats(paths)["verdict_cache_hits"] == 0
+    # Damage the default params' verdict segment: it is dropped and the pairs are verified again.
+    cache = VerdictCache(paths.cache / "dedupe", 0.95, 0.95, 64)
+    (seg,) = cache.store.segments()
+    arr = np.load(seg / "corr.npy")
+    np.save(seg / "corr.npy", arr + 0.5)
+    D.run(params(), paths)
+    assert _stats(paths)["verdict_cache_hits"] == 0 and _stats(paths)["verified_new"] > 0
+    assert _outputs(paths, "dedupe") == first
+
+
+def test_summarize_groups_one_row_per_group() -> None:
+    out = pd.DataFrame({"dup_group": ["g1", "g1", "g2", "g2", "g2", "u"], "dup_size": [2, 2, 3, 3, 3, 1],
+                        "source": ["a", "b", "a", "a", "c", "a"], "isic_id": ["2", "1", "5", "3", "4", "9"],
+                        "keep": [True, False, False, False, False, True],
+                        "label": ["benign", "benign", "benign", "malignant", "unknown", "benign"],
+                        "dup_kind": ["exact", "exact", "near", "near", "near", "unique"]})
+    pairs = pd.DataFrame({"group": ["g1", "g2", "g2"], "accepted": [True, True, False], "corr": [1.0, 0.97, 0.5],
+                          "detail": [1.0, 0.96, 0.4], "hamming": [0, 30, 90]})
+    g = D.summarize_groups(out, pairs)
+    assert g.to_dict("records") == [
+        {"group": "g1", "size": 2, "kind": "exact", "members": "a:2;b:1", "kept": "a:2", "labels": "benign",
+         "conflict": False, "min_corr": 1.0, "min_detail": 1.0, "max_hamming": 0},
+        {"group": "g2", "size": 3, "kind": "near", "members": "a:3;a:5;c:4", "kept": "",
+         "labels": "benign;malignant;unknown", "conflict": True, "min_corr": 0.97, "min_detail": 0.96,
+         "max_hamming": 30}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -257,7 +258,7 @@ def test_run_end_to_end_quarantines_bad_images_and_is_deterministic(tmp_path: Pa
     stale = paths.stage("preprocess") / "images" / "old" / "x.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
-    run(_params(workers=1, hair_removal=True, color_constancy=True), paths)
+    run(_params(workers=1, hair_removal=True, color_constancy=True, cache=False), paths)  # computed again
     assert _digests(paths) == first and not stale.exists()
 
 
@@ -366,3 +367,85 @@ def test_ids_clashing_after_sanitising_are_an_input_error(tmp_path: Path) -> Non
         paths.index("split"), index=False)
     with pytest.raises(InputError, match="same file name after sanitising"):
         run(_params(), paths)
+
+
+# --------------------------------------------------------------------------- result cache (incremental runs)
+def _cache_stats(paths: Paths) -> dict:
+    return json.loads((paths.reports / "preprocess" / "run_stats.json").read_text())["cache"]
+
+
+def _all_outputs(paths: Paths) -> dict[str, bytes]:
+    """Every output file's bytes (images, index, failed.csv, metrics, samples), run_stats excepted."""
+    files = [*paths.stage("preprocess").rglob("*"), *(paths.reports / "preprocess").rglob("*")]
+    return {p.relative_to(paths.root).as_posix(): p.read_bytes() for p in files
+            if p.is_file() and p.name != "run_stats.json"}
+
+
+def _add_images(paths: Paths, ids: range) -> None:
+    split = read_index(paths, "split")
+    rows = []
+    for i in ids:
+        cv2.imwrite(str(paths.root / "raw" / f"ISIC_{i:07d}.jpg"), cv2.cvtColor(_lesion(90, 110, seed=i),
+                                                                                cv2.COLOR_RGB2BGR))
+        rows.append({"source": "s1", "isic_id": f"ISIC_{i:07d}", "path": f"raw/ISIC_{i:07d}.jpg", "target": 0,
+                     "split": "train", "group_id": f"g{i}"})
+    pd.concat([split, pd.DataFrame(rows)], ignore_index=True).to_parquet(paths.index("split"), index=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cache_warm_and_nightly_runs_write_the_bytes_of_a_cold_run(tmp_path: Path, workers: int) -> None:
+    paths = _split_project(tmp_path)
+    params = _params(workers=workers, hair_removal=True)
+    run(params, paths)
+    assert _cache_stats(paths) | {"dir": None} == {"enabled": True, "hits": 0, "misses": 6, "corrupt": 0,
+                                                  "dir": None}
+    cold = _all_outputs(paths)
+    run(params, paths)  # warm: every image from the cache, failures recomputed (they are not cached)
+    assert (_cache_stats(paths)["hits"], _cache_stats(paths)["misses"]) == (6, 0)
+    assert _all_outputs(paths) == cold
+
+    _add_images(paths, range(10, 12))  # a nightly with new images: only they are processed
+    run(params, paths)
+    assert (_cache_stats(paths)["hits"], _cache_stats(paths)["misses"]) == (6, 2)
+    nightly = _all_outputs(paths)
+    shutil.rmtree(paths.cache)  # the cache is never the record: a cold run writes the same bytes
+    shutil.rmtree(paths.stage("preprocess"))
+    run(params, paths)
+    assert _cache_stats(paths)["hits"] == 0
+    assert _all_outputs(paths) == nightly
+
+
+def test_cache_key_follows_result_params_only(tmp_path: Path) -> None:
+    paths = _split_project(tmp_path)
+    run(_params(workers=1), paths)
+    first = _digests(paths)
+    run(_params(workers=2, max_failed_fraction=0.6), paths)  # knobs that change no byte: still hits
+    assert _cache_stats(paths)["hits"] == 6
+    run(_params(workers=1, pad_value=9), paths)  # a pixel param: nothing reused, other bytes
+    assert (_cache_stats(paths)["hits"], _cache_stats(paths)["misses"]) == (0, 6)
+    assert _digests(paths) != first
+    run(_params(workers=1, png_compression=6), paths)  # same pixels, other bytes: also a new key
+    assert _cache_stats(paths)["hits"] == 0
+    run(_params(workers=1), paths)  # back to the first params: their result set is still there
+    assert _cache_stats(paths)["hits"] == 6 and _digests(paths) == first
+    run(_params(workers=1, cache=False), paths)
+    assert _cache_stats(paths) == {"enabled": False, "hits": 0, "misses": 0, "corrupt": 0, "dir": None}
+    assert _digests(paths) == first
+
+
+def test_corrupt_cache_entry_is_detected_and_recomputed(tmp_path: Path) -> None:
+    paths = _split_project(tmp_path)
+    params = _params(workers=1)
+    run(params, paths)
+    first = _all_outputs(paths)
+    entries = sorted((paths.cache / "preprocess").rglob("*.bin"))
+    assert len(entries) == 6
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # a partial entry
+    blob = bytearray(entries[1].read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a damaged one
+    entries[1].write_bytes(bytes(blob))
+    run(params, paths)
+    assert (_cache_stats(paths)["hits"], _cache_stats(paths)["corrupt"]) == (4, 2)
+    assert _all_outputs(paths) == first
+    run(params, paths)  # recomputed entries were written back
+    assert _cache_stats(paths)["hits"] == 6
