@@ -133,9 +133,9 @@ def test_evaluate_run_shows_metrics_and_the_roc_plot(page: object, server: str, 
     shot(page, "run-metrics", tmp_path)
     goto(page, f"{server}/#/experiments/1/runs/{tuned['run_id']}/artifacts/reports/evaluate/roc.png")
     page.get_by_text("reports/evaluate/roc.png").first.wait_for()
-    img = page.locator("img[src*='roc.png']").first
-    img.wait_for()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=img.element_handle())
+    # the preview fetches the PNG and shows it as a blob: image (495 px wide: 4.5 in at 110 dpi)
+    page.wait_for_function("Array.from(document.images).some(i => i.src.startsWith('blob:') && i.complete "
+                           "&& i.naturalWidth > 400)")
     assert "model_card.md" in page.locator("body").inner_text()  # the card is an artifact of the run too
     shot(page, "roc", tmp_path)
 

@@ -117,10 +117,9 @@ def test_two_workers_train_in_sync_and_match_one_process(tmp_path: Path, lf_tiny
         (roots["single"] / "reports" / "train" / "run_stats.json").read_text())
 
     # The chief's model is single-process training up to float ordering (module docstring).
-    import keras
-
     from tasks.core.io import Paths, read_index
     from tasks.models.bundle import predict_proba
+    from tasks.models.classifier import load_keras
     from tasks.models.inputs import INPUT_STAGE, encode_metadata, load_val_images, select_rows
 
     chief_cfg = json.loads((roots["chief"] / "models" / "classifier.json").read_text())
@@ -134,8 +133,7 @@ def test_two_workers_train_in_sync_and_match_one_process(tmp_path: Path, lf_tiny
     val = select_rows(read_index(paths, INPUT_STAGE), "val")
     images = load_val_images([str(paths.abs(p)) for p in val["processed_path"]], lf_tiny_params.preprocess.size)
     meta = encode_metadata(val, chief_cfg["metadata"])
-    p = {name: predict_proba(keras.models.load_model(roots[name] / "models" / "classifier.keras"), images, meta,
-                                 tta=2)
+    p = {name: predict_proba(load_keras(roots[name] / "models" / "classifier.keras"), images, meta, tta=2)
          for name in ("chief", "single")}
     diff = float(np.max(np.abs(p["chief"] - p["single"])))
     m = {name: json.loads((roots[name] / "reports" / "train" / "metrics.json").read_text())
