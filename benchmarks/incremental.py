@@ -11,7 +11,8 @@ Two data sets:
 For each set and each stage (dedupe, preprocess), in fresh project folders:
 1. `cold`: the whole set with an empty cache (what a first run, or a run after `rm -rf .cache`, costs);
 2. `yesterday`: the set minus a random `--new` fraction of its rows, with an empty cache (fills the cache);
-3. `nightly`: the whole set again in the project of step 2, so only the new rows miss the cache.
+3. `nightly`: the whole set again in the project of step 2, so only the new rows miss the cache; the stage's
+   output folder is removed first, as `dvc repro` does (`--keep-outputs`: rerun over it, as `lesionflow stage`).
 Outputs of `nightly` and `cold` are compared byte for byte (every output file and the index).
 Prints one JSON document: seconds per run, cache hits, speed-up cold / nightly, identical outputs.
 """
@@ -96,7 +97,8 @@ def with_copies(base: pd.DataFrame, work: Path, families: tuple[str, ...], seed:
                 tmp = out.with_suffix(".partial")
                 tmp.write_bytes(buf.tobytes())
                 tmp.replace(out)
-            rows.append({**rec, "source": "copies", "isic_id": cid, "path": str(out)})
+            rows.append({**rec, "source": "copies", "isic_id": cid, "path": str(out), "planted_from": rec["isic_id"],
+                         "family": fam})
     return pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
 
 
@@ -126,6 +128,22 @@ def run_stage(stage: str, index: pd.DataFrame, project: Path, workers: int) -> d
             "timings_s": stats.get("timings_s")}
 
 
+def copy_quality(out: pd.DataFrame, real: Path) -> dict[str, Any] | None:
+    """Recall over true pairs (a photo and its copies) and false merges, scored as benchmarks/dedupe.py does
+    (isic-real pairs its authors grouped are 'ambiguous', the known re-issued pair counts as the same photo)."""
+    if "planted_from" not in out or not (real / "metadata.csv").exists():
+        return None
+    bd = _bench_dedupe()
+    meta = pd.read_csv(real / "metadata.csv", dtype=str, keep_default_na=False)
+    photo = np.array([p if isinstance(p, str) and p else i
+                      for p, i in zip(out["planted_from"], out["isic_id"], strict=True)], object)
+    group = meta.set_index("isic_id")["group_id"].to_dict()
+    rgroup = np.array([group.get(p, f"nogroup:{p}") for p in photo], object)
+    q = bd.score(out, bd.corrected(photo), rgroup)
+    return {k: q[k] for k in ("recall", "precision", "true_pairs", "false_pairs", "false_pair_examples",
+                              "ambiguous_same_group_pairs", "recall_by_family")}
+
+
 def outputs_identical(a: Path, b: Path, stage: str) -> dict[str, Any]:
     """Every file under data/<stage> of project a equals the one of project b, byte for byte (and same set)."""
     da, db = Paths(a).stage(stage), Paths(b).stage(stage)
@@ -138,7 +156,7 @@ def outputs_identical(a: Path, b: Path, stage: str) -> dict[str, Any]:
 
 
 def measure(name: str, index: pd.DataFrame, work: Path, new_fraction: float, workers: int,
-            stages_: list[str]) -> dict[str, Any]:
+            stages_: list[str], real: Path | None = None, keep_outputs: bool = False) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     new = np.zeros(len(index), bool)
     new[rng.choice(len(index), max(1, round(new_fraction * len(index))), replace=False)] = True
@@ -149,7 +167,11 @@ def measure(name: str, index: pd.DataFrame, work: Path, new_fraction: float, wor
         for d in (cold_dir, inc_dir):
             shutil.rmtree(d, ignore_errors=True)
         cold = run_stage(stage, inp, cold_dir, workers)
+        if stage == "dedupe" and real is not None:
+            cold["quality"] = copy_quality(pd.read_parquet(Paths(cold_dir).index(stage)), real)
         yesterday = run_stage(stage, inp[~new].reset_index(drop=True), inc_dir, workers)
+        if not keep_outputs:  # as `dvc repro` does: the stage's out is removed before the stage runs
+            shutil.rmtree(Paths(inc_dir).stage(stage))
         nightly = run_stage(stage, inp, inc_dir, workers)
         out[stage] = {"cold": cold, "yesterday": yesterday, "nightly": nightly,
                       "speedup_cold_over_nightly": round(cold["wall_s"] / max(nightly["wall_s"], 1e-9), 1),
@@ -182,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", default="dedupe,preprocess")
     ap.add_argument("--quick", action="store_true", help="only the base set")
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="nightly over yesterday's outputs (`lesionflow stage`), not after removing them (`dvc repro`)")
     ap.add_argument("--work", type=Path, default=None, help="keep generated data here (reused on the next run)")
     args = ap.parse_args(argv)
     stages_ = [s for s in args.stages.split(",") if s]
@@ -197,12 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         base, origin = base_index(args.real, work, args.synthetic_n)
-        report["data"] = {"base": origin, "copy_families": list(COPY_FAMILIES[:args.copies])}
-        report["base"] = measure("base", base, work, args.new, args.workers, stages_)
+        report["data"] = {"base": origin, "copy_families": list(COPY_FAMILIES[:args.copies]),
+                          "nightly": "over yesterday's outputs" if args.keep_outputs else "outputs removed first"}
+        report["base"] = measure("base", base, work, args.new, args.workers, stages_, args.real,
+                                 args.keep_outputs)
         if not args.quick and args.copies:
             big = with_copies(base, work, COPY_FAMILIES[:args.copies])
             report[f"x{1 + args.copies}"] = measure(f"x{1 + args.copies}", big, work, args.new, args.workers,
-                                                    stages_)
+                                                    stages_, args.real, args.keep_outputs)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -280,6 +280,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from flows.apps.card import card
+
+    print(card(args.model_uri, Path(args.root).resolve()))
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from flows.drift import drift_now
+
+    _emit(drift_now(Path(args.root).resolve(), args.config, version=args.version))
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from flows.apps.web import main as app_main
 
@@ -405,6 +419,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--apply", action="store_true",
                    help="write the best trial's values into the params file (in place, comments kept)")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("card", help="print the model card of a registered version or an evaluate run")
+    s.add_argument("model_uri", metavar="MODEL_URI",
+                   help="models:/lesionflow-classifier@champion, models:/lesionflow-classifier/3 or runs:/RUN_ID")
+    s.set_defaults(func=cmd_card)
+
+    s = sub.add_parser("drift", help="drift report now: current data vs the champion's (or --version V) training data")
+    s.add_argument("--config", default="nightly.yaml")
+    s.add_argument("--version", default=None, help="compare with this version instead of the champion")
+    s.set_defaults(func=cmd_drift)
 
     s = sub.add_parser("app", help="web page + JSON API: score photos (Grad-CAM), rank wide-field lesions (FastAPI)")
     s.add_argument("--model", default="models:/lesionflow-classifier@champion",

@@ -248,25 +248,24 @@ def _sync_batch_norm(model: Any, on: bool) -> None:
             layer.synchronized = on
 
 
-def _build_from_local_batch(model: Any, strategy: Any) -> None:
+def _build_from_spec(model: Any, element_spec: Any) -> None:
     """Keras 3 (3.15 too) builds a model under a tf.distribute strategy from its first batch, which it gets with
     strategy.reduce(MEAN) over the whole (inputs, target) nest; MultiWorkerMirroredStrategy cannot reduce a nest
     ("Attempt to convert a value ({'image': PerReplica...}) ... to a Tensor"; keras-team/keras#20329, #20585).
-    The batch only gives the build its shapes, so this worker's own first-replica batch serves as well."""
+    The build only needs shapes: it gets a zero batch of the dataset's element spec instead, and no batch is
+    drawn (drawing one would start an extra iterator, i.e. an extra reshuffle, and change the data order)."""
     import tensorflow as tf
 
     build = model._maybe_symbolic_build
 
-    def from_local_batch(iterator: Any = None, data_batch: Any = None) -> Any:
+    def from_spec(iterator: Any = None, data_batch: Any = None) -> Any:
         if iterator is not None:
-            for _, _, it in iterator:  # fit/evaluate reset the iterator after the build
-                data_batch = tf.nest.map_structure(
-                    lambda v: strategy.experimental_local_results(v)[0]
-                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
-                break
+            x, y = element_spec[0], element_spec[1]
+            data_batch = tf.nest.map_structure(
+                lambda s: tf.zeros([1 if d is None else d for d in s.shape], s.dtype), (x, y))
         return build(data_batch=data_batch)
 
-    model._maybe_symbolic_build = from_local_batch
+    model._maybe_symbolic_build = from_spec
 
 
 def _mean_scalars_across_workers() -> None:
@@ -307,14 +306,29 @@ def _local_copy(model: Any) -> Any:
     return local
 
 
-def _shard_by_data(ds: Any) -> Any:
-    """Every worker runs the same seeded pipeline and keeps its slice of each global batch (the files are a
-    list, not file shards): the union of the replicas' batches is exactly the single-process batch."""
+def _per_worker(ds: Any, strategy: Any, global_batch: int, cw: dict[int, float] | None) -> Any:
+    """The single-process batches, split across the workers: every worker runs the same seeded pipeline (same
+    shuffle, same augmentation draws) of global batches and keeps its own slice of each, so one step sees
+    exactly the images one process would see in that step. Class weights become sample weights first (Keras
+    cannot map them over a distributed dataset)."""
     import tensorflow as tf
+    from keras.src.trainers.data_adapters.tf_dataset_adapter import make_class_weight_map_fn
 
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options)
+    if cw:
+        ds = ds.map(make_class_weight_map_fn(cw))
+
+    def for_worker(ctx: Any) -> Any:
+        share = global_batch // ctx.num_input_pipelines
+        lo = ctx.input_pipeline_id * share
+        part = ds.map(lambda *elem: tf.nest.map_structure(lambda t: t[lo:lo + share], elem))
+        per_replica = ctx.get_per_replica_batch_size(global_batch)
+        if per_replica != share:  # several GPUs on this worker: consecutive batches go to its replicas
+            part = part.rebatch(per_replica)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return part.with_options(options)
+
+    return strategy.distribute_datasets_from_function(for_worker)
 
 
 # --------------------------------------------------------------------------- one member
@@ -377,7 +391,6 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
                              name=spec.name, seed=seed, download=cfg.download_weights)
         if runtime.workers > 1:
             _sync_batch_norm(model, True)
-            _build_from_local_batch(model, runtime.strategy)
     transfer = spec.arch != "small_cnn"
     batch = cfg.batch_size * runtime.strategy.num_replicas_in_sync
     steps = max(1, math.ceil(len(data.train_files) / batch))
@@ -395,11 +408,14 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
         val_ds = make_dataset(data.val_files, data.val_y, data.val_meta if spec.metadata else None,
                               size=data.size, batch_size=batch, training=False, cache=cache("val"))
         if runtime.workers > 1:
-            return _shard_by_data(train_ds), _shard_by_data(val_ds)
+            _build_from_spec(model, val_ds.element_spec)
+            return (_per_worker(train_ds, runtime.strategy, batch, cw),
+                    _per_worker(val_ds, runtime.strategy, batch, None))
         return train_ds, val_ds
 
     weights_file = data.cache_dir / f"{spec.name}.best.weights.h5"
     cw = class_weights(data.train_y) if cfg.class_weight else None
+    fit_cw = None if runtime.workers > 1 else cw  # multi-worker: sample weights inside the dataset
     history: list[dict[str, Any]] = []
     best = -np.inf
     epoch0 = 0
@@ -426,7 +442,7 @@ def train_member(spec: Member, cfg: Train, data: Data, *, augment_cfg: Any, meta
             _EpochLog.make(spec.name, phase),
         ]
         h = model.fit(train_ds, epochs=epoch0 + epochs, initial_epoch=epoch0, steps_per_epoch=steps,
-                      validation_data=val_ds, class_weight=cw, callbacks=callbacks, shuffle=False, verbose=0)
+                      validation_data=val_ds, class_weight=fit_cw, callbacks=callbacks, shuffle=False, verbose=0)
         for i, ep in enumerate(h.epoch):
             row = {"member": spec.name, "phase": phase, "epoch": ep + 1}
             row.update({k: float(v[i]) for k, v in sorted(h.history.items())})

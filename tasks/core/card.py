@@ -227,8 +227,10 @@ def build_card(inputs: Mapping[str, Any]) -> str:
     lines += ["## Data lineage", ""]
     commit = lin.get("git_commit") or "unknown"
     dirty = " (uncommitted changes in the tree)" if lin.get("git_dirty") else ""
-    lines += [f"- Data: DVC hash `{lin.get('data_hash') or 'unknown'}` of `{lin.get('data_out', 'data')}` "
-              f"(from {lin.get('data_hash_source', 'unknown')})",
+    kind = ("DVC md5 (dvc.lock)" if lin.get("data_hash_source") == "dvc.lock"
+            else "sha256 of its index.parquet (no dvc.lock entry)" if lin.get("data_hash_source") == "index-sha256"
+            else f"hash ({lin.get('data_hash_source', 'unknown')})")
+    lines += [f"- Data: `{lin.get('data_out', 'data')}` {kind} `{lin.get('data_hash') or 'unknown'}`",
               f"- Code: git commit `{commit}`{dirty}",
               f"- Reproduce: `git checkout {commit if lin.get('git_commit') else '<commit>'} && dvc pull && dvc repro`",
               ""]
