@@ -26,8 +26,6 @@ def make_images(folder: Path, n: int, side: int) -> list[tuple[str, str]]:
     import cv2
     import numpy as np
 
-    from tasks.fake.lesions import make_lesion  # noqa: F401  (imported for parity with the stage's inputs)
-
     rng = np.random.default_rng(0)
     jobs = []
     for i in range(n):

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-SUBGROUPS = ("source", "dataset", "sex", "age_band", "site")  # dataset: `source_dataset` when the metadata has it
+# dataset: `source_dataset`, resolution: the raw image's size band; each only when the index has the columns.
+SUBGROUPS = ("source", "dataset", "resolution", "sex", "age_band", "site")
+# Shorter side of the raw image, in pixels: the bands' lower edges (HAM10000's 600x450, ISIC 2020's 1024+ and
+# UDA-1's 2000+ px originals land in different bands, so a model keyed on resolution shows it).
+RESOLUTION_EDGES = (256, 512, 1024, 2048)
+# Raw-size columns, most trusted first: the archive's declared size, a local metadata's original size
+# ('WxH' text; isic-real's `orig_size`: its stored copies are downscaled), clean's decoded size of the file.
+SIZE_COLUMNS = (("pixels_x", "pixels_y"), ("orig_size",), ("image_width", "image_height"))
 
 
 def as_arrays(probabilities: Sequence[float], targets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -172,16 +179,55 @@ def age_band(age: pd.Series, edges: Sequence[float]) -> pd.Series:
     return bands.astype("string").fillna("unknown").astype(str)
 
 
+def has_raw_size(df: pd.DataFrame) -> bool:
+    """Whether the index has any raw-size column (`SIZE_COLUMNS`)."""
+    return any(all(c in df for c in cols) for cols in SIZE_COLUMNS)
+
+
+def raw_size(df: pd.DataFrame) -> pd.DataFrame:
+    """width, height (float, NaN when unknown) of each row's raw image: per row the first `SIZE_COLUMNS` source
+    that has a positive size."""
+    width = pd.Series(np.nan, index=df.index, dtype="float64")
+    height = pd.Series(np.nan, index=df.index, dtype="float64")
+    for cols in SIZE_COLUMNS:
+        if not all(c in df for c in cols):
+            continue
+        if len(cols) == 1:  # 'WxH' text
+            parts = df[cols[0]].astype("string").str.strip().str.lower().str.extract(r"^(\d+)\s*x\s*(\d+)$")
+            w, h = (pd.to_numeric(parts[i], errors="coerce").astype("float64") for i in (0, 1))
+        else:
+            w, h = (pd.to_numeric(df[c], errors="coerce").astype("float64") for c in cols)
+        fill = width.isna() & (w > 0) & (h > 0)
+        width, height = width.mask(fill, w), height.mask(fill, h)
+    return pd.DataFrame({"width": width, "height": height}, index=df.index)
+
+
+def resolution_band(width: pd.Series, height: pd.Series, edges: Sequence[int] = RESOLUTION_EDGES) -> pd.Series:
+    """Band of the shorter side ('<256', '256-511', ..., '>=2048', 'unknown'), as an ordered categorical so
+    tables list the bands small to large."""
+    labels = [f"<{edges[0]}"] + [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]}"]
+    short = np.fmin(pd.to_numeric(width, errors="coerce"), pd.to_numeric(height, errors="coerce"))
+    bands = pd.cut(short, bins=[0, *edges, np.inf], right=False, labels=labels)
+    cats = [*labels, "unknown"]
+    return pd.Categorical(bands.astype("string").fillna("unknown").astype(str), categories=cats, ordered=True) \
+        .pipe(pd.Series, index=width.index, name="resolution")
+
+
 def subgroup_table(groups: pd.DataFrame, probabilities: Sequence[float], targets: Sequence[int],
                    threshold: float) -> pd.DataFrame:
-    """One row per (kind, group): the headline metrics without bootstrap (n is reported: small groups are noisy)."""
+    """One row per (kind, group): the headline metrics without bootstrap (n is reported: small groups are noisy).
+    Groups are sorted by name, or in category order for a categorical column (resolution bands)."""
     p, y = as_arrays(probabilities, targets)
     rows = []
     for kind in SUBGROUPS:
         if kind not in groups:
             continue
-        values = groups[kind].to_numpy()
-        for g in sorted(set(values.tolist())):
+        column = groups[kind]
+        values = column.astype(str).to_numpy()
+        present = set(values.tolist())
+        order = ([str(c) for c in column.cat.categories if str(c) in present]
+                 if isinstance(column.dtype, pd.CategoricalDtype) else sorted(present))
+        for g in order:
             m = values == g
             s = score(p[m], y[m], threshold=threshold, n_bootstrap=0)
             op, half = s["at_operating_point"], s["at_0.5"]
@@ -191,6 +237,15 @@ def subgroup_table(groups: pd.DataFrame, probabilities: Sequence[float], targets
                          **{f"{k}_at_op": op[k] for k in ("sensitivity", "specificity", "precision", "f1",
                                                          "balanced_accuracy", "fn", "fp")}})
     return pd.DataFrame(rows)
+
+
+def subgroup_summary(table: pd.DataFrame, kind: str) -> dict[str, dict[str, Any]]:
+    """{group: n, auc, sensitivity/specificity at the operating point} of one kind (metrics.json `by_<kind>`)."""
+    if table.empty:
+        return {}
+    return {str(r["group"]): {"n": r["n"], "auc": r["auc"], "sensitivity_at_op": r["sensitivity_at_op"],
+                              "specificity_at_op": r["specificity_at_op"]}
+            for r in table[table["kind"] == kind].to_dict("records")}
 
 
 # --------------------------------------------------------------------------- curves (CSV for dvc plots)

@@ -1,13 +1,15 @@
-"""train under MultiWorkerMirroredStrategy: two CPU worker processes on 127.0.0.1 (TF_CONFIG) train the tiny
-profile in sync; the chief alone writes, and its model matches single-process training on the same global batch.
+"""train under MultiWorkerMirroredStrategy: two CPU worker processes on 127.0.0.1 (TF_CONFIG) train the tiny profile
+in sync; the chief alone writes, and its model matches single-process training on the same global batch.
 
 Tolerance (docs/distributed.md): 2 workers x batch_size 16 are compared with one process at batch_size 32 (the
-same global batch, the same seeded shuffle and augmentation draws, DATA sharding). What still differs is float
-arithmetic: the gradient all-reduce sums the two replicas' partial sums in another order than one process sums
-32 rows, and synchronized batch norm computes the global variance as E[x^2] - E[x]^2 from all-reduced sums
-instead of TensorFlow's two-pass moments. Adam's first steps (update ~ lr * g / |g|) amplify those last-bit
-differences where a gradient component is near zero. Dropout is set to 0 for the comparison: replicas draw their
-own masks, which is statistically the same training but not the same draws.
+same global batch, the same seeded shuffle and augmentation draws; each worker keeps its slice of every batch).
+What still differs is float arithmetic: the gradient all-reduce sums the two replicas' partial sums in another
+order than one process sums 32 rows, and synchronized batch norm computes the global variance as E[x^2] - E[x]^2
+from all-reduced sums instead of TensorFlow's two-pass moments. Measured: max |p_chief - p_single| = 6.8e-05 on
+the val images, equal val AUC; the bound is 1e-3 (Adam's first steps, update ~ lr * g / |g|, can amplify last-bit
+differences where a gradient component is near zero). Dropout is set to 0 for the comparison: replicas draw their
+own masks, which is statistically the same training but not the same draws. Measured wall time: 82-97 s for the
+three processes on 2 cores (hence slow).
 """
 
 from __future__ import annotations
@@ -26,10 +28,8 @@ import yaml
 
 from tests.tasks.conftest import ROOT, TINY, build_tiny_project
 
-pytestmark = pytest.mark.slow
-
-PROB_TOL = 0.02  # max |p_chief - p_single| over the val images, probabilities in [0, 1]
-AUC_TOL = 0.02
+PROB_TOL = 1e-3  # max |p_chief - p_single| over the val images; measured 6.8e-05
+AUC_TOL = 0.02  # one or two rank flips among 24 val images
 TIMEOUT_S = 420
 
 RUNNER = """
@@ -84,6 +84,27 @@ def _result(proc: subprocess.Popen, log: Path) -> dict:
     return json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
 
 
+def test_tf_config_parsing() -> None:
+    from tasks.core.errors import InputError
+    from tasks.train import ClusterTask, cluster_task
+
+    two = {"worker": ["a:1", "b:2"]}
+    assert cluster_task({}) is None
+    assert cluster_task({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker"}})}) is None
+    assert cluster_task({"TF_CONFIG": json.dumps({"cluster": two, "task": {"type": "worker", "index": 0}})}) == \
+        ClusterTask(workers=2, chief=True, task="worker:0")
+    assert not cluster_task({"TF_CONFIG": json.dumps({"cluster": two, "task": {"type": "worker", "index": 1}})}).chief
+    with_chief = {"chief": ["c:0"], **two}
+    assert not cluster_task({"TF_CONFIG": json.dumps({"cluster": with_chief, "task": {"type": "worker"}})}).chief
+    assert cluster_task({"TF_CONFIG": json.dumps({"cluster": with_chief, "task": {"type": "chief"}})}).workers == 3
+    for bad, match in (("{", "not valid JSON"), (json.dumps({"cluster": {"ps": ["p:1"], **two}, "task": {
+            "type": "worker"}}), "parameter servers"), (json.dumps({"cluster": two, "task": {"type": "worker",
+                                                                                            "index": 2}}), "not in")):
+        with pytest.raises(InputError, match=match):
+            cluster_task({"TF_CONFIG": bad})
+
+
+@pytest.mark.slow
 def test_two_workers_train_in_sync_and_match_one_process(tmp_path: Path, lf_tiny_params) -> None:
     roots = {name: build_tiny_project(tmp_path / name, lf_tiny_params) for name in ("single", "chief", "worker")}
     single_params = _params_file(tmp_path / "single.yaml", batch_size=32, dropout=0.0)
