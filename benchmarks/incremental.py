@@ -42,7 +42,7 @@ import pandas as pd  # noqa: E402
 
 from flows import stages  # noqa: E402
 from tasks.core.config import parse_params  # noqa: E402
-from tasks.core.io import Paths, read_json, write_index  # noqa: E402
+from tasks.core.io import Paths, read_json, sha256_file, write_index  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 COPY_FAMILIES = ("resize_jpeg", "recolour", "crop2")  # the ~10^4 set of the scaling measurement
@@ -61,7 +61,9 @@ def _bench_dedupe() -> Any:
 def base_index(real: Path, work: Path, synthetic_n: int) -> tuple[pd.DataFrame, str]:
     """The base set as an ingest-like index with absolute paths: isic-real, else synthetic lesions."""
     if (real / "metadata.csv").exists():
-        return _bench_dedupe().local_index(real, "isic-real"), f"isic-real ({real})"
+        m = _bench_dedupe().local_index(real, "isic-real")
+        m["sha256"] = [sha256_file(p) for p in m["path"]]  # as ingest records it (dedupe trusts it)
+        return m, f"isic-real ({real})"
     from tasks.fake.lesions import generate
 
     folder = work / "synthetic"
@@ -70,7 +72,9 @@ def base_index(real: Path, work: Path, synthetic_n: int) -> tuple[pd.DataFrame, 
     m = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
     m.insert(0, "source", "synthetic")
     m["path"] = [str(folder / f"{i}.jpg") for i in m["isic_id"]]
-    return m[[Path(p).exists() for p in m["path"]]].reset_index(drop=True), f"synthetic n={synthetic_n} seed 0"
+    m = m[[Path(p).exists() for p in m["path"]]].reset_index(drop=True)
+    m["sha256"] = [sha256_file(p) for p in m["path"]]
+    return m, f"synthetic n={synthetic_n} seed 0"
 
 
 def with_copies(base: pd.DataFrame, work: Path, families: tuple[str, ...], seed: int = 20240522) -> pd.DataFrame:
@@ -97,8 +101,8 @@ def with_copies(base: pd.DataFrame, work: Path, families: tuple[str, ...], seed:
                 tmp = out.with_suffix(".partial")
                 tmp.write_bytes(buf.tobytes())
                 tmp.replace(out)
-            rows.append({**rec, "source": "copies", "isic_id": cid, "path": str(out), "planted_from": rec["isic_id"],
-                         "family": fam})
+            rows.append({**rec, "sha256": sha256_file(out), "source": "copies", "isic_id": cid, "path": str(out),
+                         "planted_from": rec["isic_id"], "family": fam})
     return pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
 
 

@@ -28,7 +28,9 @@ REQUIRED_INPUT = ["source", "isic_id", "path", "dup_group", "keep"]
 # Columns that tie images to a split unit; ids carried by rows dropped as duplicates are kept in `linked_ids`
 # so split still groups the surviving copy with that patient/lesion (otherwise the link would vanish here).
 LINK_COLUMNS = ["patient_id", "lesion_id", "group_id"]
-LABEL_COLUMNS = ["diagnosis_1", "benign_malignant", "diagnosis", "dx"]
+# diagnosis_1..5: the hierarchy levels (a deeper level decides when a row lacks diagnosis_1); then legacy columns.
+LABEL_COLUMNS = ["diagnosis_1", "diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5", "benign_malignant",
+                 "diagnosis", "dx"]
 SITE_COLUMNS = ["anatom_site_1", "anatom_site_2", "anatom_site_3", "anatom_site_special"]
 SITE_LEVEL1 = ["Head and neck", "Trunk", "Upper extremity", "Lower extremity", "Anogenital region"]
 

@@ -30,9 +30,13 @@ from tasks.core.io import Paths, read_index, write_json, write_table
 from tasks.core.metrics import (
     age_band,
     calibration_table,
+    has_raw_size,
     pr_points,
+    raw_size,
+    resolution_band,
     roc_points,
     round_floats,
+    subgroup_summary,
     subgroup_table,
     threshold_sweep,
 )
@@ -46,7 +50,11 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- subgroups
 def subgroup_frame(df: pd.DataFrame, edges: Sequence[float]) -> pd.DataFrame:
-    """source, [dataset], sex, age_band and site per row (normalised text, 'unknown' when missing)."""
+    """source, [dataset], [resolution], sex, age_band and site per row (normalised text, 'unknown' when missing).
+
+    dataset is `source_dataset` and resolution the band of the raw image's shorter side (`raw_size`), each only
+    when the index has the columns: the groups where a model that learned "which clinic" or "which camera"
+    instead of "which lesion" falls apart."""
     sex = df["sex"].astype("string").str.strip().str.lower() if "sex" in df else pd.Series(pd.NA, index=df.index)
     groups = pd.DataFrame({
         "source": df["source"].astype(str),
@@ -56,6 +64,9 @@ def subgroup_frame(df: pd.DataFrame, edges: Sequence[float]) -> pd.DataFrame:
     }, index=df.index)
     if "source_dataset" in df:  # e.g. HAM10000 vs ISIC 2017 inside one ingest source: where does the model fail?
         groups.insert(1, "dataset", df["source_dataset"].astype("string").fillna("unknown").astype(str))
+    if has_raw_size(df):
+        size = raw_size(df)
+        groups.insert(groups.columns.get_loc("sex"), "resolution", resolution_band(size["width"], size["height"]))
     return groups
 
 
@@ -229,10 +240,10 @@ def run(params: Any, paths: Paths) -> dict:
                                 bins=cfg.calibration_bins)
     groups = subgroup_frame(rows, cfg.age_bands)
     table = subgroup_table(groups, p, y, threshold)
-    metrics["by_source"] = {
-        r["group"]: {"n": r["n"], "auc": r["auc"], "sensitivity_at_op": r["sensitivity_at_op"],
-                     "specificity_at_op": r["specificity_at_op"]}
-        for r in table[table["kind"] == "source"].to_dict("records")}
+    metrics["by_source"] = subgroup_summary(table, "source")
+    for kind in ("dataset", "resolution"):  # shortcut subgroups, also as MLflow metrics (test.by_<kind>.<group>.*)
+        if kind in groups:
+            metrics[f"by_{kind}"] = subgroup_summary(table, kind)
     metrics["model_threshold"] = threshold
     metrics["target_sensitivity"] = config.get("target_sensitivity")
 

@@ -22,7 +22,8 @@ Label = Literal["malignant", "benign", "indeterminate", "unknown"]
 
 # The hierarchy's top level, lower-cased: ("benign", "indeterminate", "malignant").
 HIERARCHY_CLASSES: tuple[str, ...] = tuple(sorted({m.value.split(":")[0].lower() for m in DiagnosisEnum}))
-HIERARCHY_COLUMNS = ("diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5")  # deeper levels, when level 1 is absent
+# Deeper levels: they name their class too when level 1 is absent.
+HIERARCHY_COLUMNS = ("diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5")
 
 # Legacy values that are not nodes of the hierarchy (lower-cased), with the class the hierarchy gives the
 # nearest node: actinic keratosis -> 'Indeterminate:...:Solar or actinic keratosis', AIMP -> 'Indeterminate
@@ -30,7 +31,8 @@ HIERARCHY_COLUMNS = ("diagnosis_2", "diagnosis_3", "diagnosis_4", "diagnosis_5")
 # benign_malignant).
 _LEGACY_NOT_IN_HIERARCHY: dict[str, Label] = {
     "melanoma": "malignant", "squamous cell carcinoma": "malignant",
-    "actinic keratosis": "indeterminate", "aimp": "indeterminate", "atypical melanocytic proliferation": "indeterminate",
+    "actinic keratosis": "indeterminate", "aimp": "indeterminate",
+    "atypical melanocytic proliferation": "indeterminate",
     "adnexal tumor": "benign", "angioma": "benign", "cafe-au-lait macule": "benign", "lichenoid keratosis": "benign",
     "mucosal melanosis": "benign", "nevus spilus": "benign", "acrochordon": "benign",
     "angiofibroma or fibrous papule": "benign", "vascular lesion": "benign",

@@ -203,14 +203,13 @@ def raw_size(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def resolution_band(width: pd.Series, height: pd.Series, edges: Sequence[int] = RESOLUTION_EDGES) -> pd.Series:
-    """Band of the shorter side ('<256', '256-511', ..., '>=2048', 'unknown'), as an ordered categorical so
+    """Band of the shorter side ('0-255', '256-511', ..., '2048-up', 'unknown'), as an ordered categorical so
     tables list the bands small to large."""
-    labels = [f"<{edges[0]}"] + [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]}"]
-    short = np.fmin(pd.to_numeric(width, errors="coerce"), pd.to_numeric(height, errors="coerce"))
-    bands = pd.cut(short, bins=[0, *edges, np.inf], right=False, labels=labels)
-    cats = [*labels, "unknown"]
-    return pd.Categorical(bands.astype("string").fillna("unknown").astype(str), categories=cats, ordered=True) \
-        .pipe(pd.Series, index=width.index, name="resolution")
+    labels = [f"{a}-{b - 1}" for a, b in zip([0, *edges], edges)] + [f"{edges[-1]}-up"]  # MLflow-safe names
+    short = np.minimum(pd.to_numeric(width, errors="coerce"), pd.to_numeric(height, errors="coerce"))  # NaN stays
+    bands = pd.cut(short, bins=[0, *edges, np.inf], right=False, labels=labels).astype("string").fillna("unknown")
+    return pd.Series(pd.Categorical(bands.astype(str), categories=[*labels, "unknown"], ordered=True),
+                     index=width.index, name="resolution")
 
 
 def subgroup_table(groups: pd.DataFrame, probabilities: Sequence[float], targets: Sequence[int],

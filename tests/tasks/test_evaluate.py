@@ -34,6 +34,25 @@ def test_age_bands_and_subgroup_table() -> None:
     assert row["auc"] == 1.0 and row["sensitivity_at_op"] == 1.0 and row["fn_at_op"] == 0
 
 
+def test_shortcut_subgroups_dataset_and_resolution() -> None:
+    """source_dataset and the raw image's size band sit beside sex/age/site, only when the index has them."""
+    df = pd.DataFrame({"source": ["a"] * 4, "sex": ["male"] * 4, "age_approx": [20, 50, 60, 70],
+                       "anatom_site_1": ["back"] * 4,
+                       "source_dataset": ["HAM10000", "ISIC 2020", "ISIC 2020", "UDA-1"],
+                       "pixels_x": [np.nan, 6000, np.nan, np.nan], "pixels_y": [np.nan, 4000, np.nan, np.nan],
+                       "orig_size": ["600x450", None, "1024x1024", None],
+                       "image_width": [600, 512, 1024, 300], "image_height": [450, 512, 1024, 200]})
+    g = E.subgroup_frame(df, [0, 200])
+    assert list(g.columns) == ["source", "dataset", "resolution", "sex", "age_band", "site"]
+    assert g["resolution"].astype(str).tolist() == ["256-511", "2048-up", "1024-2047", "0-255"]
+    table = M.subgroup_table(g, [0.9, 0.2, 0.8, 0.3], [1, 0, 1, 0], threshold=0.5)
+    assert table["kind"].drop_duplicates().tolist() == ["source", "dataset", "resolution", "sex", "age_band", "site"]
+    assert table[table["kind"] == "resolution"]["group"].tolist() == ["0-255", "256-511", "1024-2047", "2048-up"]
+    plain = E.subgroup_frame(df.drop(columns=["source_dataset", "pixels_x", "pixels_y", "orig_size",
+                                              "image_width", "image_height"]), [0, 200])
+    assert list(plain.columns) == ["source", "sex", "age_band", "site"]
+
+
 def test_confident_mistakes_orders_by_confidence() -> None:
     pred = pd.DataFrame({"isic_id": list("abcde"), "target": [1, 0, 1, 0, 0],
                          "probability_malignant": [0.05, 0.95, 0.3, 0.6, 0.1]})
@@ -62,13 +81,43 @@ def test_evaluate_stage_reports_consistent_metrics(lf_trained: Path, lf_tiny_par
     assert metrics["auc_ci_low"] <= metrics["auc"] <= metrics["auc_ci_high"]
     assert sum(v["n"] for v in metrics["by_source"].values()) == 24
     sub = pd.read_csv(out / "subgroups.csv")
-    assert set(sub["kind"]) == {"source", "sex", "age_band", "site"}
+    assert set(sub["kind"]) == {"source", "sex", "age_band", "site"}  # no dataset / size columns in this index
+    assert "by_dataset" not in metrics and "by_resolution" not in metrics
     for name in ("roc", "pr", "confusion", "calibration", "thresholds", "mistakes", "gradcam"):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for name in ("roc", "pr", "calibration", "thresholds", "confusion"):
         assert len(pd.read_csv(out / f"{name}.csv")) > 1, name
     assert metrics["auc"] > 0.8
     assert "mlflow" not in summary  # evaluate.mlflow: false logs nothing
+
+
+def test_evaluate_stage_reports_shortcut_subgroups(lf_trained: Path, lf_tiny_params: Params, tmp_path: Path) -> None:
+    """With source_dataset and raw sizes in the index: dataset and resolution rows in subgroups.csv, by_dataset /
+    by_resolution in metrics.json (MLflow metrics test.by_<kind>.*), the bands in predictions.csv."""
+    import shutil
+
+    root = tmp_path / "proj"
+    shutil.copytree(lf_trained, root, ignore=shutil.ignore_patterns("mlruns", "reports"))
+    paths = Paths(root)
+    index = pd.read_parquet(paths.index(INPUT_STAGE))
+    n = len(index)
+    index["source_dataset"] = np.where(np.arange(n) % 2, "HAM10000", "ISIC 2020")
+    index["pixels_x"] = np.where(np.arange(n) % 3 == 0, 6000.0, np.nan)
+    index["pixels_y"] = np.where(np.arange(n) % 3 == 0, 4000.0, np.nan)
+    index["orig_size"] = np.where(np.arange(n) % 3 == 1, "600x450", None)
+    index.to_parquet(paths.index(INPUT_STAGE))
+    E.run(_no_mlflow(lf_tiny_params), paths)
+    out = paths.reports / "evaluate"
+    sub = pd.read_csv(out / "subgroups.csv")
+    assert sub["kind"].drop_duplicates().tolist() == ["source", "dataset", "resolution", "sex", "age_band", "site"]
+    assert (sub.groupby("kind")["n"].sum() == 24).all()
+    assert set(sub.loc[sub["kind"] == "dataset", "group"]) == {"HAM10000", "ISIC 2020"}
+    assert sub.loc[sub["kind"] == "resolution", "group"].tolist() == ["256-511", "2048-up", "unknown"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["by_dataset"]) == {"HAM10000", "ISIC 2020"}
+    assert sum(v["n"] for v in metrics["by_resolution"].values()) == 24
+    pred = pd.read_csv(out / "predictions.csv")
+    assert {"dataset", "resolution"} <= set(pred.columns)
 
 
 def test_score_model_on_raw_images_matches_the_stage(lf_trained: Path, lf_tiny_params: Params) -> None:

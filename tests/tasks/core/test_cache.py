@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,14 +15,33 @@ from tasks.core.cache import ResultCache, SegmentStore, params_digest, source_di
 SHA = hashlib.sha256(b"input").hexdigest()
 
 
-def test_put_get_roundtrip_and_miss(tmp_path: Path) -> None:
+def _put(c: ResultCache, sha: str, payload: bytes) -> None:
+    c.commit([(sha, c.put(sha, payload))])
+
+
+def test_put_commit_get_roundtrip_and_miss(tmp_path: Path) -> None:
     c = ResultCache(tmp_path, {"size": 64}, "v1").open()
     assert c.get(SHA) == ("miss", None)
-    c.put(SHA, b"png bytes")
+    digest = c.put(SHA, b"png bytes")
+    assert digest == hashlib.sha256(b"png bytes").hexdigest()
+    assert c.get(SHA) == ("miss", None)  # not in the index until committed (a crash before commit = a miss)
+    assert c.commit([(SHA, digest)]) == 1
     assert c.get(SHA) == ("hit", b"png bytes")
-    assert Path(c.path(SHA)).parent.name == SHA[:2]
+    assert ResultCache(tmp_path, {"size": 64}, "v1").open().get(SHA) == ("hit", b"png bytes")  # index persisted
+    assert Path(c.path(SHA)).parent.name == SHA[:2] and Path(c.path(SHA)).read_bytes() == b"png bytes"
     assert not list(Path(c.dir).rglob("*.partial"))
     assert (Path(c.dir) / "params.json").exists()
+
+
+def test_link_makes_the_output_the_entry(tmp_path: Path) -> None:
+    c = ResultCache(tmp_path / "cache", {"size": 64}, "v1").open()
+    _put(c, SHA, b"png bytes")
+    dst = tmp_path / "out" / "sub" / "x.png"
+    assert c.link(SHA, str(dst)) and dst.read_bytes() == b"png bytes" and c.is_linked(SHA, str(dst))
+    other = hashlib.sha256(b"o").hexdigest()
+    assert not c.link(other, str(tmp_path / "y.png"))  # no entry: the caller writes instead
+    shutil.rmtree(tmp_path / "cache")  # the cache is never the record
+    assert dst.read_bytes() == b"png bytes"
 
 
 def test_params_and_version_name_the_folder() -> None:
@@ -35,30 +55,26 @@ def test_damaged_entries_read_as_corrupt_and_are_removed(tmp_path: Path) -> None
     c = ResultCache(tmp_path, {"size": 64}, "v1").open()
     other = hashlib.sha256(b"other").hexdigest()
     third = hashlib.sha256(b"third").hexdigest()
-    for s in (SHA, other, third):
-        c.put(s, b"x" * 100)
+    for s, payload in ((SHA, b"x" * 100), (other, b"y" * 100), (third, b"z" * 100)):
+        _put(c, s, payload)
     p = Path(c.path(SHA))
     p.write_bytes(p.read_bytes()[:-10])  # truncated
     q = Path(c.path(other))
     blob = bytearray(q.read_bytes())
     blob[-1] ^= 1  # one flipped bit
     q.write_bytes(bytes(blob))
-    # an intact entry copied under another key is not that key's result
-    os.replace(c.path(third), c.path(SHA) + ".tmp")
-    Path(c.path(third)).write_bytes(Path(c.path(SHA) + ".tmp").read_bytes())
-    Path(c.path(SHA) + ".tmp").unlink()
     assert c.get(SHA) == ("corrupt", None) and not p.exists()
     assert c.get(other) == ("corrupt", None) and not q.exists()
-    assert c.get(third)[0] == "hit"  # restored under its own name it is intact
-    Path(c.path(third)).write_bytes(b"LFC")  # shorter than the header
+    Path(c.path(third)).write_bytes(b"x" * 100)  # another entry's bytes under this name
     assert c.get(third) == ("corrupt", None)
+    assert c.get(SHA) == ("miss", None)  # gone: recomputed and put again by the caller
 
 
 def test_prune_others_keeps_the_most_recently_used_sets(tmp_path: Path) -> None:
     sets = []
     for k in range(4):
         c = ResultCache(tmp_path, {"size": 64 + k}, "v1").open()
-        c.put(SHA, b"x")
+        _put(c, SHA, b"x")
         man = Path(c.dir) / ResultCache.MANIFEST
         os.utime(man, (time.time() - 100 + k, time.time() - 100 + k))
         sets.append(c)

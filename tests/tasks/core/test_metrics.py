@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tasks.core import metrics as E
@@ -69,3 +70,29 @@ def test_operating_point_and_round_floats() -> None:
         E.threshold_for_sensitivity(p, np.zeros(10, int))
     assert E.round_floats({"a": [1.23456789, {"b": 2.0000004}], "c": "x"}) == {"a": [1.234568, {"b": 2.0}], "c": "x"}
     assert E.sklearn_auc([0, 1, 1], [0.1, 0.9, 0.8]) == 1.0 and E.sklearn_auc([1, 1], [0.2, 0.3]) is None
+
+
+def test_raw_size_prefers_declared_then_original_then_decoded() -> None:
+    df = pd.DataFrame({"pixels_x": [6000, np.nan, np.nan, 0, np.nan], "pixels_y": [4000, np.nan, np.nan, 0, np.nan],
+                       "orig_size": ["1022x767", "200 X 150", None, "512x512", "junk"],
+                       "image_width": [1, 2, 300, 4, np.nan], "image_height": [1, 2, 250, 4, np.nan]})
+    size = E.raw_size(df)
+    assert size["width"].tolist()[:4] == [6000, 200, 300, 512] and np.isnan(size["width"].iloc[4])
+    assert size["height"].tolist()[:4] == [4000, 150, 250, 512]
+    assert E.has_raw_size(df) and E.has_raw_size(df[["orig_size"]]) and not E.has_raw_size(df[["pixels_x"]])
+
+
+def test_resolution_bands_in_size_order() -> None:
+    w = pd.Series([200, 600, 1024, 6000, 255, np.nan, 256])
+    h = pd.Series([150, 450, 768, 4000, 4000, 100, 9000])
+    bands = E.resolution_band(w, h)
+    assert bands.astype(str).tolist() == ["0-255", "256-511", "512-1023", "2048-up", "0-255", "unknown", "256-511"]
+    groups = pd.DataFrame({"source": ["a"] * 7, "resolution": bands})
+    table = E.subgroup_table(groups, [0.9, 0.1, 0.8, 0.2, 0.7, 0.4, 0.6], [1, 0, 1, 0, 0, 1, 1], 0.5)
+    res = table[table["kind"] == "resolution"]
+    assert res["group"].tolist() == ["0-255", "256-511", "512-1023", "2048-up", "unknown"]  # not alphabetical
+    assert res["n"].sum() == 7
+    summary = E.subgroup_summary(table, "resolution")
+    assert list(summary) == res["group"].tolist() and summary["0-255"]["n"] == 2
+    assert set(summary["0-255"]) == {"n", "auc", "sensitivity_at_op", "specificity_at_op"}
+    assert E.subgroup_summary(table.iloc[0:0], "resolution") == {}
