@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "dedupe": ([], ["--sizes", "1000,10000", "--planted", "300", "--quick"]),
     "preprocess": ([], ["--n", "200", "--repeats", "1"]),
     "input_pipeline": ([], ["--n", "128", "--steps", "4", "--archs", "small_cnn"]),
+    "incremental": ([], ["--quick"]),
+    "scaling": ([], ["--images", "100"]),
 }
 
 

@@ -343,8 +343,9 @@ def content_hashes(index: pd.DataFrame, paths: Paths, trust_ingest: bool, worker
         except OSError:
             return _missing_sha(files[k])
 
+    spans = [range(k, min(k + 256, len(files))) for k in range(0, len(files), 256)]  # not one future per row
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # hashlib releases the GIL
-        return list(pool.map(one, range(len(files))))
+        return [sha for part in pool.map(lambda r: [one(k) for k in r], spans) for sha in part]
 
 
 def _cacheable(feats: Features) -> np.ndarray:

@@ -114,9 +114,8 @@ def _same_file(path: str, data: bytes) -> bool:
 def _emit(cache: ResultCache | None, sha: str, png: bytes, dst: str) -> None:
     """Put the PNG at dst: a hard link to its cache entry when there is one (no second copy of the bytes),
     else an atomic write; nothing when dst already holds these bytes (a rerun over its own outputs)."""
-    if cache is not None:
-        if cache.is_linked(sha, dst) or cache.link(sha, dst):
-            return
+    if cache is not None and cache.link(sha, dst):
+        return
     if not _same_file(dst, png):
         write_file_atomic(dst, png)
 

@@ -179,7 +179,7 @@ def repro(root: Path, *args: str) -> tuple[str, float]:
 @pytest.mark.slow
 def test_second_repro_is_a_fast_noop(toy3):
     out, _ = repro(toy3)
-    assert [l for l in out.splitlines() if l.startswith("ran ")] == ["ran a", "ran b", "ran c"]
+    assert [ln for ln in out.splitlines() if ln.startswith("ran ")] == ["ran a", "ran b", "ran c"]
     out, seconds = repro(toy3)
     assert "Data and pipelines are up to date." in out and "ran " not in out
     assert seconds < 5
@@ -195,6 +195,6 @@ def test_param_change_reruns_only_that_stage_and_downstream(toy3):
                                        capture_output=True, text=True, env=subprocess_env()).stdout)
     assert set(status) == {"b"}  # before repro DVC only knows b's params changed
     out, _ = repro(toy3)
-    assert [l for l in out.splitlines() if l.startswith("ran ")] == ["ran b", "ran c"]
+    assert [ln for ln in out.splitlines() if ln.startswith("ran ")] == ["ran b", "ran c"]
     assert "Stage 'a' didn't change, skipping" in out
     assert json.loads((toy3 / "data" / "c" / "out.json").read_text())["from"]["p"] == {"x": 2}

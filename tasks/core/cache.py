@@ -121,15 +121,28 @@ class ResultCache:
     def link(self, sha: str, dst: str) -> bool:
         """Make `dst` a hard link to the entry (atomically replacing dst); False if the file system refuses
         (another device, no hard links): then the caller writes the bytes."""
-        tmp = f"{dst}.{os.getpid()}.link.partial"
-        try:
+        src = self.path(sha)
+        try:  # the usual case under `dvc repro` (outputs removed first): one system call, atomic by itself
+            os.link(src, dst)
+            return True
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            if not os.path.exists(src):
+                return False
             try:
-                os.link(self.path(sha), tmp)
-            except FileNotFoundError:
-                if not os.path.exists(self.path(sha)):
-                    return False
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.link(self.path(sha), tmp)
+                os.link(src, dst)
+                return True
+            except FileExistsError:
+                pass
+            except OSError:
+                return False
+        except OSError:
+            return False
+        tmp = f"{dst}.{os.getpid()}.link.partial"  # dst exists: replace it atomically
+        try:
+            os.link(src, tmp)
             os.replace(tmp, dst)
             return True
         except OSError:

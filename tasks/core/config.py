@@ -96,10 +96,11 @@ class Ingest(Strict):
     force_prune: bool = False
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Ingest":
+    def _unique_names(self) -> Ingest:
         dupes = repeated([s.name.lower() for s in self.sources])  # folders must differ on case-insensitive disks
         if dupes:
-            raise ValueError(f"source names must be unique (ignoring case); repeated: {dupes} (set `name:` on each source)")
+            raise ValueError(f"source names must be unique (ignoring case); repeated: {dupes} "
+                             "(set `name:` on each source)")
         return self
 
 
@@ -124,7 +125,8 @@ class Dedupe(Strict):
 class Clean(Strict):
     indeterminate: Literal["drop", "benign", "malignant"] = "drop"
     min_side: int = Field(default=32, ge=1)  # images with a shorter side (px) are quarantined
-    max_pixels: int = Field(default=50_000_000, ge=1)  # width x height from the header; larger = quarantined, never decoded
+    # width x height from the header; larger = quarantined, never decoded
+    max_pixels: int = Field(default=50_000_000, ge=1)
     workers: int = Field(default=2, ge=1, le=64)  # decode processes (JPEG warning capture is per process)
     check_declared_size: bool = True  # quarantine if decoded size != metadata pixels_x/pixels_y (either orientation)
     verify_checksum: bool = True  # quarantine if the bytes no longer match ingest's sha256 (or file_size)
@@ -140,7 +142,7 @@ class Split(Strict):
     group_by: list[str] = Field(default_factory=lambda: ["patient_id", "lesion_id", "dup_group", "group_id"])
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "Split":
+    def _sum_to_one(self) -> Split:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must sum to 1 (got {total:g})")
@@ -228,7 +230,7 @@ class Cyclegan(Strict):
     model_name: str = "lesionflow-cyclegan"
 
     @model_validator(mode="after")
-    def _shape(self) -> "Cyclegan":
+    def _shape(self) -> Cyclegan:
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (got {self.image_size})")
         if self.decay_epochs > self.epochs:
@@ -311,7 +313,7 @@ class Train(Strict):
     members: list[Member] = Field(default_factory=lambda: [Member(name="cnn")], min_length=1)
 
     @model_validator(mode="after")
-    def _unique_members(self) -> "Train":
+    def _unique_members(self) -> Train:
         dupes = repeated([m.name for m in self.members])
         if dupes:
             raise ValueError(f"member names must be unique; repeated: {dupes}")
@@ -458,7 +460,7 @@ class Tune(Strict):
 class Params(Strict):
     """The whole params.yaml: one section per dvc.yaml stage, named exactly like it, plus `tune` (the search)."""
 
-    def view(self, sections: "tuple[str, ...] | list[str]", stage: str = "") -> "SectionView":
+    def view(self, sections: tuple[str, ...] | list[str], stage: str = "") -> SectionView:
         """Only the named sections: a stage sees what its dvc.yaml `params:` declares, nothing else."""
         return SectionView(self, tuple(sections), stage)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import pandas as pd
 
 from tasks.core.cache import SegmentStore, params_digest, source_digest
 from tasks.core.images import DEFAULT_MAX_PIXELS, ImageRejected, check_size
-from tasks.core.io import progress
+from tasks.core.parallel import parallel_map
 
 # Bump when the feature computation changes: old cache segments are then ignored, never mixed in.
 FEATURE_VERSION = 1
@@ -186,32 +186,22 @@ def _features_of_files(jobs: list[tuple[str, str]], thumb_size: int,
     )
 
 
+def _features_ctx(thumb_size: int, max_pixels: int) -> tuple[int, int]:
+    return thumb_size, max_pixels
+
+
+def _features_chunk(ctx: tuple[int, int], chunk: list[tuple[str, str]]) -> Features:
+    return _features_of_files(chunk, *ctx)
+
+
 def compute_features(jobs: list[tuple[str, str]], thumb_size: int, workers: int = 1,
                      chunk: int = 64, max_pixels: int = DEFAULT_MAX_PIXELS) -> Features:
-    """Features for (sha, path) jobs, in a process pool when workers > 1 (order preserved)."""
-    import multiprocessing
-
-    import cv2
-
+    """Features for (sha, path) jobs, order preserved: through tasks.core.parallel.parallel_map, so the same
+    process pool (one OpenCV thread per worker, forkserver once TensorFlow is loaded) or a Dask cluster."""
     chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
-    # One OpenCV thread, set here in the parent and restored after: a forked child that calls
-    # cv2.setNumThreads while it inherits a live OpenCV thread pool (the parent ran a parallel op before,
-    # e.g. a resize) hangs for ever in pthread_cond_destroy. Measured: the hashing pool never finished.
-    prev = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        if workers <= 1 or len(jobs) < _POOL_MIN_JOBS:
-            parts = [_features_of_files(c, thumb_size, max_pixels)
-                     for c in progress(chunks, desc="dedupe: hashing", unit="chunk")]
-        else:
-            # The platform default start method (fork on Linux): spawn would re-import the caller's __main__,
-            # which breaks any script without a main guard; workers only run numpy/OpenCV on their own data.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context()) as pool:
-                parts = list(progress(pool.map(_features_of_files, chunks, [thumb_size] * len(chunks),
-                                                [max_pixels] * len(chunks)),
-                                      total=len(chunks), desc="dedupe: hashing", unit="chunk"))
-    finally:
-        cv2.setNumThreads(prev)
+    n = workers if len(jobs) >= _POOL_MIN_JOBS else 1
+    parts = parallel_map(_features_chunk, chunks, n, setup=_features_ctx, setup_args=(thumb_size, max_pixels),
+                         desc="dedupe: hashing")
     return Features.concat(parts, thumb_size)
 
 

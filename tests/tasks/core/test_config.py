@@ -188,7 +188,7 @@ def test_a_stage_sees_only_its_declared_sections():
     view = p.view(STAGES["augment"].params, "augment")
     assert view.augment == p.augment and view.preprocess.size == p.preprocess.size
     with pytest.raises(ParamsError, match="stage 'augment' reads params section 'train'"):
-        view.train
+        view.train  # noqa: B018 - the attribute read itself must raise
 
 
 def test_code_defaults_equal_params_yaml():
