@@ -124,7 +124,8 @@ def _test_image_bytes(root: Path, n: int = 3) -> tuple[list[str], list[bytes]]:
 
 
 def test_pyfunc_from_the_registry_scores_paths_and_bytes(logged: dict, lf_trained: Path) -> None:
-    from tasks.models.bundle import Bundle, load_bundle
+    from tasks.models.bundle import Bundle
+    from tasks.tracking import load_bundle  # paths and MLflow URIs
 
     name = "lesionflow-classifier"
     tracking.set_alias(name, "champion", logged["version"], lf_trained)
