@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.stages import get as get_stage
-from tasks.core.config import Params, dump_params, load_params
+from tasks.core.config import FORCE_PRUNE_ENV, Params, dump_params, load_params, with_force_prune
 from tasks.core.errors import InputError, LesionflowError
 from tasks.core.io import Paths
 
@@ -34,8 +34,6 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 DEBUG_ENV = "LESIONFLOW_DEBUG"
-# = flows.pipeline.FORCE_PRUNE_ENV (a test keeps them equal; not imported: flows.pipeline pulls in prefect)
-FORCE_PRUNE_ENV = "LESIONFLOW_FORCE_PRUNE"
 
 
 class UsageError(InputError):
@@ -124,7 +122,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if getattr(args, "force_prune", False) and stage.name != "ingest":
         raise UsageError(f"--force-prune applies to the ingest stage only, not {stage.name!r}")
     if stage.name == "ingest" and _force_prune(args):
-        from flows.pipeline import with_force_prune  # prefect: paid only when asked for
 
         params = with_force_prune(params, str(args.params))
     summary = stage.run(params, Paths(Path(args.root).resolve()))

@@ -25,7 +25,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from flows import stages as registry
-from tasks.core.config import Params, load_params, parse_params
+from tasks.core.config import FORCE_PRUNE_ENV, load_params, with_force_prune
 from tasks.core.errors import InputError, RunError
 from tasks.core.io import Paths
 
@@ -40,7 +40,6 @@ Executor = Literal["dvc", "inprocess"]
 STAGE_LOGGERS = ("tasks", "isic_client")
 # Set to 1 for the stage subprocesses of one run: `lesionflow stage ingest` then runs with
 # ingest.force_prune=true (the CLI's --force-prune), without editing params.yaml.
-FORCE_PRUNE_ENV = "LESIONFLOW_FORCE_PRUNE"
 # A stage's own exit code as DVC reports it ("... failed to run: lesionflow stage x, exited with 2").
 _DVC_EXIT = re.compile(r"exited with (-?\d+)")
 
@@ -177,13 +176,6 @@ def read_metrics(root: Path, stage: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-def with_force_prune(params: Params, source: str = "params.yaml") -> Params:
-    """`params` with ingest.force_prune=true (Params is frozen: rebuilt through the one parser)."""
-    data = params.model_dump(mode="json")
-    data["ingest"] = {**data["ingest"], "force_prune": True}
-    return parse_params(data, f"{source} (with --force-prune)")
 
 
 def stage_failure(stage: str, rc: int, last: Sequence[str]) -> PipelineError:

@@ -20,7 +20,7 @@ import pandas as pd
 from tasks.core.augmentation import augment_copy, build_augmenter, copy_seed
 from tasks.core.config import Augment, Params
 from tasks.core.errors import InputError
-from tasks.core.images import DEFAULT_MAX_PIXELS, decode, encode_png, sample_grid
+from tasks.core.images import decode, encode_png, sample_grid
 from tasks.core.io import (
     KEY,
     Paths,
@@ -116,7 +116,7 @@ def _samples(df: pd.DataFrame, paths: Paths, cfg: Augment, size: int, max_pixels
 def run(params: Params, paths: Paths) -> dict:
     """Index pass-through + K augmented copies of each train image; always a sample grid and metrics."""
     cfg, pre = params.augment, params.preprocess
-    size, max_pixels = pre.size, getattr(pre, "max_pixels", DEFAULT_MAX_PIXELS)
+    size, max_pixels = pre.size, pre.max_pixels
     t0 = time.perf_counter()
     df = read_index(paths, INPUT_STAGE)
     missing = [c for c in (*KEY, "processed_path", "split") if c not in df.columns]

@@ -279,7 +279,7 @@ def check_images(df: pd.DataFrame, paths: Paths, cfg: Clean) -> pd.DataFrame:
     py = pd.to_numeric(cols["pixels_y"], errors="coerce")
     fs = pd.to_numeric(cols["file_size"], errors="coerce")
     sha = cols["sha256"].astype("string").str.strip().str.lower()
-    max_pixels = getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS)
+    max_pixels = cfg.max_pixels
     jobs = []
     for i, idx in enumerate(df.index):
         expected = (float(px.iloc[i]), float(py.iloc[i])) if cfg.check_declared_size else None

@@ -365,7 +365,7 @@ def features_for(index: pd.DataFrame, shas: list[str], paths: Paths, cfg: Dedupe
         if sha not in have and sha not in todo:
             todo[sha] = str(paths.abs(p))
     new = compute_features(list(todo.items()), cfg.thumb_size, cfg.workers,
-                           max_pixels=getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
+                           max_pixels=DEFAULT_MAX_PIXELS)
     if cache is not None:
         cache.add(new.take(np.nonzero(_cacheable(new))[0]))
     needed = set(shas)

@@ -26,7 +26,7 @@ import tasks.core.images as images_module
 from tasks.core.cache import ResultCache, source_digest
 from tasks.core.config import Params, Preprocess
 from tasks.core.errors import InputError, RunError
-from tasks.core.images import DEFAULT_MAX_PIXELS, decode, encode_png, process_image, resize, sample_grid
+from tasks.core.images import decode, encode_png, process_image, resize, sample_grid
 from tasks.core.io import (
     KEY,
     Paths,
@@ -66,10 +66,6 @@ def output_paths(df: pd.DataFrame, where: str = "data/split/index.parquet") -> l
         raise InputError(f"{where}: ids that map to the same file name after sanitising: {bad}; rename them "
                          "at the source (ids may use letters, digits and . _ + -)")
     return rel_out
-
-
-def max_pixels_of(cfg: Preprocess) -> int:
-    return int(getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
 
 
 def result_params(cfg: Preprocess) -> dict[str, Any]:
@@ -179,9 +175,9 @@ def _samples(rows: pd.DataFrame, paths: Paths, cfg: Preprocess) -> np.ndarray | 
     columns = []
     for _, r in rows.iloc[np.unique(picks)].iterrows():
         try:
-            raw = decode(paths.abs(r["path"]).read_bytes(), max_pixels=max_pixels_of(cfg))
+            raw = decode(paths.abs(r["path"]).read_bytes(), max_pixels=cfg.max_pixels)
             before = resize(raw, cfg.size, cfg.aspect, cfg.pad_mode, cfg.pad_value)
-            after = decode(paths.abs(r["processed_path"]).read_bytes(), max_pixels=max_pixels_of(cfg))
+            after = decode(paths.abs(r["processed_path"]).read_bytes(), max_pixels=cfg.max_pixels)
         except (OSError, ValueError):
             continue  # a sample is only illustration; the image itself was already reported
         columns.append([before, after])

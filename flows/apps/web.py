@@ -150,9 +150,8 @@ def decode_photo(data: bytes, limits: Limits, max_pixels: int, min_side: int) ->
 
 
 # --------------------------------------------------------------------------- the model and what it means
-@dataclass
-class ModelInfo:
-    """What the page and the API say about the model being served."""
+class ModelInfo(BaseModel):
+    """What the page and the API say about the model being served (the API's `ModelOut` extends it)."""
 
     name: str
     version: str | None
@@ -492,7 +491,7 @@ class Service:
             names.append({"name": name, "sha256": digest})
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.time_ns() % 10**9:09d}"
         write_json(self.keep_dir / f"{stamp}-{kind}.json", {"files": names, "result": result,
-                                                            "model": asdict(self.info)})
+                                                            "model": self.info.model_dump()})
 
 
 # --------------------------------------------------------------------------- API schemas
@@ -528,21 +527,7 @@ class ResultOut(BaseModel):
     gradcam_png: str | None = None
 
 
-class ModelOut(BaseModel):
-    name: str
-    version: str | None
-    alias: str | None
-    aliases: list[str]
-    source: str
-    threshold: float
-    target_sensitivity: float | None
-    val_sensitivity: float | None
-    val_specificity: float | None
-    uses_metadata: bool
-    sites: list[str]
-    image_size: int
-    tta: int
-    members: list[str]
+class ModelOut(ModelInfo):
     max_pixels: int = Field(..., description="the pixel cap stored with the model")
     operating_point: str
     limits: dict[str, int] = Field(..., description="what this server accepts: max_files, max_file_bytes, "
@@ -666,7 +651,7 @@ def create_app(bundle: Bundle, info: ModelInfo | None = None, *, limits: Limits 
     service = Service(bundle, info, limits, keep_dir)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     page = env.get_template("app.html")
-    model_out = {**asdict(info), "operating_point": info.operating_point_text(),
+    model_out = {**info.model_dump(), "operating_point": info.operating_point_text(),
                  "limits": {"max_files": limits.max_files, "max_file_bytes": limits.max_file_bytes,
                             "max_pixels": service.max_pixels, "max_request_bytes": limits.max_request_bytes}}
     csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "

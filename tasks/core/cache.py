@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks.core.io import write_file_atomic
+
 Status = Literal["hit", "miss", "corrupt"]
 
 
@@ -99,22 +101,9 @@ class ResultCache:
     def put(self, sha: str, payload: bytes) -> str | None:
         """Store atomically; the payload's sha256 for `commit`, or None if it could not be written (a full
         or read-only disk only costs speed later, so it is never raised)."""
-        p = self.path(sha)
-        tmp = f"{p}.{os.getpid()}.partial"
         try:
-            try:
-                fh = open(tmp, "wb")
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(p), exist_ok=True)
-                fh = open(tmp, "wb")
-            with fh:
-                fh.write(payload)
-            os.replace(tmp, p)
+            write_file_atomic(str(self.path(sha)), payload)  # removes its temp file on failure
         except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             return None
         return hashlib.sha256(payload).hexdigest()
 

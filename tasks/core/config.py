@@ -597,6 +597,17 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, complete: bool = True) -> 
     return params
 
 
+# Set for a stage process when `--force-prune` was given to `run` / `nightly` (the flags reach `lesionflow stage`).
+FORCE_PRUNE_ENV = "LESIONFLOW_FORCE_PRUNE"
+
+
+def with_force_prune(params: Params, source: str = "params.yaml") -> Params:
+    """`params` with ingest.force_prune=true (Params is frozen: rebuilt through the one parser)."""
+    data = params.model_dump(mode="json")
+    data["ingest"] = {**data["ingest"], "force_prune": True}
+    return parse_params(data, f"{source} (with --force-prune)")
+
+
 def dump_params(params: Params) -> str:
     """The validated params as YAML, defaults filled in."""
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)

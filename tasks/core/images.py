@@ -432,7 +432,7 @@ def process_image(image: bytes | np.ndarray, cfg: Preprocess) -> np.ndarray:
     enters the colour estimate, the hair detector or the CLAHE histograms.
     """
     if isinstance(image, (bytes, bytearray, memoryview)):
-        img = decode(bytes(image), max_pixels=getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS))
+        img = decode(bytes(image), max_pixels=cfg.max_pixels)
     else:
         img = as_rgb(np.asarray(image))
     img = fit(img, cfg.size, cfg.aspect)

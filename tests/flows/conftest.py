@@ -31,6 +31,23 @@ def prefect_harness():
         yield
 
 
+def worker_checkout(root: Path, *, trouble: bool = True) -> Path:
+    """A copy of the project's code and pipeline definition under `root` (what a worker machine's checkout
+    holds), plus tiny.yaml: params.yaml with its ingest source swapped for 12 tiny synthetic lesions (params
+    files are complete records, so the source is all that changes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for d in ("flows", "tasks", "isic_client"):
+        shutil.copytree(ROOT / d, root / d, ignore=ignore)
+    for f in ("dvc.yaml", "nightly.yaml", "params.yaml"):
+        shutil.copy(ROOT / f, root / f)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"]["sources"] = [{"kind": "synthetic", "name": "synthetic", "n": 12, "seed": 0,
+                                    "malignant_fraction": 0.5, "image_size": 32, "trouble": trouble}]
+    (root / "tiny.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
 @dataclass(frozen=True)
 class ToyStage(Stage):
     """A registry entry whose run() is a test function instead of tasks/<name>.py."""

@@ -28,23 +28,9 @@ import pytest
 
 from flows import stack
 from tasks.core.errors import InputError
-from tests.flows.conftest import ROOT
+from tests.flows.conftest import ROOT, worker_checkout
 
 BIN = Path(sys.executable).parent
-# Ingest only, on a tiny synthetic source (a second or two); params files are complete records, so the project's
-# params.yaml with its ingest source swapped.
-TINY_SOURCE = [{"kind": "synthetic", "name": "synthetic", "n": 12, "seed": 0, "malignant_fraction": 0.5,
-                "image_size": 32, "trouble": False}]
-
-
-def tiny_params() -> str:
-    import yaml
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["ingest"]["sources"] = TINY_SOURCE
-    return yaml.safe_dump(params, sort_keys=False)
-
-
 def free_ports(n: int) -> list[int]:
     """`n` distinct free loopback ports (held open together so they differ)."""
     socks = []
@@ -205,14 +191,8 @@ def live(tmp_path_factory) -> Iterator[Stack]:
     problems = stack.missing_requirements(dvc=True)
     if problems:
         pytest.skip("stack requirements missing: " + "; ".join(problems))
-    project = tmp_path_factory.mktemp("stackproj") / "proj"
-    project.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for d in ("flows", "tasks", "isic_client"):
-        shutil.copytree(ROOT / d, project / d, ignore=ignore)
-    for f in ("dvc.yaml", "nightly.yaml", "params.yaml"):
-        shutil.copy(ROOT / f, project / f)
-    (project / "tiny.yaml").write_text(tiny_params())
+    # ingest only, on a tiny synthetic source (a second or two)
+    project = worker_checkout(tmp_path_factory.mktemp("stackproj") / "proj", trouble=False)
     env = clean_env()
     run(["git", "init", "-q"], project, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], project, env)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,26 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.flows.conftest import ROOT
+from tests.flows.conftest import worker_checkout
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 POOL = "lf-test-pool"
-# A tiny synthetic source: ingest generates it through the local ISIC stand-in (no network), in a second or two.
-TINY_SOURCE = {"kind": "synthetic", "name": "synthetic", "n": 12, "seed": 0, "malignant_fraction": 0.5,
-               "image_size": 32}
-
-
-def tiny_params() -> str:
-    """params.yaml with only the ingest source swapped (params files are complete records)."""
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data["ingest"]["sources"] = [TINY_SOURCE]
-    return yaml.safe_dump(data, sort_keys=False)
-
-
 def free_port() -> int:
     """A free loopback port (tiny race with other processes; the server start fails loudly if lost)."""
     with socket.socket() as s:
@@ -120,15 +106,7 @@ def wait_healthy(api: str, server: subprocess.Popen, procs: Procs, timeout: floa
 @pytest.fixture
 def project(tmp_path) -> Path:
     """A copy of the project's code and pipeline definition (what a worker machine's checkout holds)."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for d in ("flows", "tasks", "isic_client"):
-        shutil.copytree(ROOT / d, root / d, ignore=ignore)
-    for f in ("dvc.yaml", "nightly.yaml", "params.yaml"):
-        shutil.copy(ROOT / f, root / f)
-    (root / "tiny.yaml").write_text(tiny_params())
-    return root
+    return worker_checkout(tmp_path / "proj")
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,17 +12,7 @@ from tasks.augment import aug_source, run
 from tasks.core.config import ParamsError, parse_params
 from tasks.core.images import decode, encode_png
 from tasks.core.io import Paths, image_relpath, read_index
-
-
-def _images(n: int, size: int = 32) -> list[np.ndarray]:
-    rng = np.random.default_rng(1)
-    out = []
-    for i in range(n):
-        img = np.full((size, size, 3), (200, 150, 130), np.uint8)
-        cv2.circle(img, (size // 2 + i % 5, size // 2), size // 4, (90, 50, 40), -1)
-        out.append(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
-    return out
-
+from tests.tasks.core.lesion_images import blob_images
 
 # --------------------------------------------------------------------------- run()
 
@@ -34,7 +22,7 @@ def _preprocess_project(root: Path, broken: bool = False) -> Paths:
     paths = Paths(root)
     rows = []
     splits = ["train", "train", "train", "val", "val", "test", "test"]
-    for i, (img, split) in enumerate(zip(_images(len(splits)), splits, strict=True)):
+    for i, (img, split) in enumerate(zip(blob_images(len(splits)), splits, strict=True)):
         rel = image_relpath("preprocess", "s1", f"ISIC_{i:07d}")
         paths.abs(rel).parent.mkdir(parents=True, exist_ok=True)
         paths.abs(rel).write_bytes(encode_png(img))
@@ -79,7 +67,7 @@ def test_offline_copies_come_from_train_only_with_unique_keys(tmp_path: Path) ->
     assert pd.read_json(paths.reports / "augment" / "metrics.json", typ="series")["copies_written"] == 6
 
 
-def test_offline_copies_are_reproducible_and_independent_of_other_images(tmp_path: Path) -> None:
+def test_offline_copies_are_reproducible_and_independent_of_otherblob_images(tmp_path: Path) -> None:
     def digests(paths: Paths) -> dict[str, str]:
         idx = read_index(paths, "augment")
         idx = idx[idx["augmented_from"].notna()]

@@ -56,3 +56,14 @@ def write(path: Path, img: np.ndarray, quality: int = 95) -> Path:
     assert ok
     path.write_bytes(buf.tobytes())
     return path
+
+
+def blob_images(n: int, size: int = 32) -> list[np.ndarray]:
+    """`n` small RGB skin patches with a dark disc, slightly shifted and noisy (augmentation inputs)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        img = np.full((size, size, 3), (200, 150, 130), np.uint8)
+        cv2.circle(img, (size // 2 + i % 5, size // 2), size // 4, (90, 50, 40), -1)
+        out.append(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
+    return out

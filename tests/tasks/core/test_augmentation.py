@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 
 from tasks.core.augmentation import augment_copy, augment_fn, build_augmenter, copy_seed
 from tasks.core.config import Augment
 from tasks.core.errors import InputError
-
-
-def _images(n: int, size: int = 32) -> list[np.ndarray]:
-    rng = np.random.default_rng(1)
-    out = []
-    for i in range(n):
-        img = np.full((size, size, 3), (200, 150, 130), np.uint8)
-        cv2.circle(img, (size // 2 + i % 5, size // 2), size // 4, (90, 50, 40), -1)
-        out.append(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8))
-    return out
+from tests.tasks.core.lesion_images import blob_images
 
 
 def test_same_seed_same_outputs_on_the_same_sequence() -> None:
-    imgs = _images(12)
+    imgs = blob_images(12)
     a, b = build_augmenter(Augment(seed=7), 32), build_augmenter(Augment(seed=7), 32)
     outs_a = [a(image=im)["image"] for im in imgs]
     outs_b = [b(image=im)["image"] for im in imgs]
@@ -63,7 +53,7 @@ def test_clahe_uses_a_fixed_clip_limit() -> None:
 
 
 def test_copy_is_a_function_of_seed_key_and_k_only() -> None:
-    img = _images(1)[0]
+    img = blob_images(1)[0]
     s = copy_seed(0, "src", "ISIC_1", 0)
     aug = build_augmenter(Augment(), 32)
     first = augment_copy(aug, img, s)
